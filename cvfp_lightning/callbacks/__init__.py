@@ -1,0 +1,7 @@
+"""Lightning callbacks of CVFP training."""
+
+from cvfp_lightning.callbacks.diagnostics import CVFPDiagnostics
+from cvfp_lightning.callbacks.early_stopping import ConvergenceEarlyStopping
+from cvfp_lightning.callbacks.effective_rank import EffectiveRankMonitor
+
+__all__ = ["ConvergenceEarlyStopping", "EffectiveRankMonitor", "CVFPDiagnostics"]

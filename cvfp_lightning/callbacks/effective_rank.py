@@ -1,0 +1,59 @@
+"""Effective-rank monitor: absolute rank and the singular-value spectrum of the contexts."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from cvfp_lightning.metrics import effective_rank
+
+
+class EffectiveRankMonitor(L.Callback):
+    """Log ``{split}/effective_rank`` and the singular-value spectrum of train and val contexts.
+
+    Reads the spectrum the module's ``train_erank`` / ``val_erank`` metrics computed this
+    epoch when there is one (no second SVD); otherwise computes it from
+    ``pl_module.contexts(split)`` on at most ``max_rows`` rows. The spectrum goes to
+    TensorBoard as a histogram of ``s / sum(s)`` (``spectrum/{split}``), plus the share of
+    the largest singular value (``{split}/top_singular_share``).
+    """
+
+    def __init__(self, every_n_epochs: int = 1, max_rows: int = 10_000):
+        self.every_n_epochs, self.max_rows = max(1, every_n_epochs), max_rows
+        self.history: list[dict] = []
+
+    def _spectrum(self, pl_module, split: str):
+        metric = getattr(pl_module, f"{split}_erank", None)
+        s = getattr(metric, "last_singular_values", None)
+        if s is None and hasattr(pl_module, "contexts"):
+            ctx = pl_module.contexts(split)
+            if ctx is None or ctx.shape[0] == 0:
+                return None
+            if ctx.shape[0] > self.max_rows:
+                g = torch.Generator().manual_seed(0)
+                ctx = ctx[torch.randperm(ctx.shape[0], generator=g)[: self.max_rows].sort().values]
+            _, s = effective_rank(ctx.cpu())
+        return s
+
+    def _log(self, trainer: L.Trainer, pl_module, split: str) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        s = self._spectrum(pl_module, split)
+        if s is None or s.sum() <= 0:
+            return
+        p = (s / s.sum()).double()
+        nz = p[p > 0]
+        er = torch.exp(-(nz * nz.log()).sum()).item()
+        row = {f"{split}/effective_rank": er, f"{split}/top_singular_share": p[0].item()}
+        self.history.append({"epoch": trainer.current_epoch, **row})
+        for logger in trainer.loggers:
+            logger.log_metrics(row, step=trainer.global_step)
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_histogram"):
+                experiment.add_histogram(f"spectrum/{split}", p.float(), global_step=trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer, pl_module, "train")
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer, pl_module, "val")

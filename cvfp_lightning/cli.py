@@ -1,0 +1,169 @@
+"""``cvfp``: the Lightning CLI of cvfp_lightning.
+
+    cvfp fit --config configs/phase1.yaml
+    cvfp fit --config configs/phase1.yaml --ckpt_path last        # resume the latest run
+    cvfp fit --config configs/phase1.yaml --trainer.devices 2 --trainer.strategy ddp
+    cvfp fit --config configs/phase1.yaml --print_config > my.yaml
+    cvfp scaling --config configs/scaling.yaml                    # the scaling-law experiment
+
+Any LightningModule / LightningDataModule can be named with ``class_path`` in a config.
+``data.vocab_size`` is linked to the model. User errors (bad values, missing files,
+unreadable checkpoints, offline hub misses) print one line and exit with code 2; pass
+``--debug`` (or set ``CVFP_DEBUG=1``) for the traceback.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from cvfp_lightning.errors import CVFPUserError
+
+SHAPE_FREE_KEYS: set[str] = set()  # hyperparameters a resume may change (none: a resume is exact)
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _to_plain(value):
+    """Namespaces / dataclasses of a parsed config -> plain dicts and lists."""
+    from dataclasses import asdict, is_dataclass
+
+    from jsonargparse import Namespace
+
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+class CVFPCLI(LightningCLI):
+    """LightningCLI with the cvfp defaults: checkpointing with ``last.ckpt``, a rich
+    progress bar, seed 42, the vocabulary size linked from the data, safe resume."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("model_class", L.LightningModule)
+        kwargs.setdefault("datamodule_class", L.LightningDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("seed_everything_default", 42)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": False})
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+
+    # ---- resume: find `last`, refuse changed hyperparameters ---------------------------
+    def _logger_dirs(self) -> list[Path]:
+        cfg = self.config[self.config.subcommand]
+        logger = cfg.get("trainer", {}).get("logger")
+        root = Path(cfg.get("trainer", {}).get("default_root_dir") or ".")
+        dirs = []
+        for item in (logger if isinstance(logger, list) else [logger]):
+            init = getattr(item, "init_args", None) or (item.get("init_args") if isinstance(item, dict) else None)
+            if init is not None:
+                init = _to_plain(init)
+                save_dir = init.get("save_dir") or init.get("root_dir")
+                if save_dir:
+                    dirs.append(Path(save_dir) / (init.get("name") or ""))
+        return dirs or [root / "lightning_logs"]
+
+    def _resolve_last(self) -> str:
+        candidates = []
+        for d in self._logger_dirs():
+            candidates += glob.glob(str(d / "**" / "checkpoints" / "last.ckpt"), recursive=True)
+        if not candidates:
+            where = ", ".join(str(d) for d in self._logger_dirs())
+            raise CVFPUserError(f"--ckpt_path last: no last.ckpt found under {where}: nothing to resume; "
+                                "give the checkpoint's path or start without --ckpt_path.")
+        return max(candidates, key=os.path.getmtime)
+
+    def _parse_ckpt_path(self) -> None:
+        """Check the checkpoint before anything is built (replaces Lightning's silent merge).
+
+        ``last`` resolves to the newest ``last.ckpt`` of earlier runs in the logger folder.
+        A checkpoint whose hyperparameters differ from the config is refused with the
+        differences named (Lightning would silently keep the checkpoint's values).
+        """
+        if not self.config.get("subcommand"):
+            return
+        sub = self.config.subcommand
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
+            return
+        if ckpt_path == "last":
+            ckpt_path = self._resolve_last()
+            self.config[sub]["ckpt_path"] = ckpt_path
+            print(f"cvfp: resuming from {ckpt_path}", file=sys.stderr)
+        from cvfp_lightning.io import safe_torch_load
+
+        if not Path(ckpt_path).is_file():
+            raise CVFPUserError(f"--ckpt_path {ckpt_path!r} does not exist: give the path of a .ckpt file "
+                                "(e.g. lightning_logs/.../checkpoints/last.ckpt) or 'last'.")
+        ckpt = safe_torch_load(ckpt_path)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise CVFPUserError(f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (no state_dict).")
+        saved = _flatten({k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")})
+        model_cfg = self.config[sub].get("model")
+        current = _flatten(_to_plain(getattr(model_cfg, "init_args", None) or {}))
+        diffs = [f"{k}: checkpoint {saved[k]!r} vs config {current[k]!r}" for k in sorted(saved)
+                 if k in current and k != "vocab_size" and k not in SHAPE_FREE_KEYS and saved[k] != current[k]]
+        missing = sorted(k for k in saved if k not in current and k != "vocab_size")
+        if missing and current:
+            raise CVFPUserError(f"--ckpt_path {ckpt_path!r} was written by another model class (its "
+                                f"hyperparameters {missing[:5]} are not options of {model_cfg.class_path}).")
+        if diffs:
+            raise CVFPUserError(f"--ckpt_path {ckpt_path!r} was trained with other settings; a resume must use the "
+                                f"same ones. Differences: {'; '.join(diffs)}.")
+
+
+def _run_cli(args: list[str]) -> None:
+    CVFPCLI(args=args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point ``cvfp``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("CVFP_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:
+        argv.remove("--debug")
+        debug = True
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    try:
+        if argv and argv[0] == "scaling":
+            from cvfp_lightning.experiments.scaling import main as scaling_main
+
+            scaling_main(argv[1:])
+        else:
+            _run_cli(argv)
+    except CVFPUserError as exc:
+        if debug:
+            raise
+        print(f"cvfp: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

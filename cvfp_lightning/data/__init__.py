@@ -1,0 +1,11 @@
+"""LightningDataModules and tokenisation."""
+
+from cvfp_lightning.data.base import TokenDataModule
+from cvfp_lightning.data.sequences import IGNORE_INDEX, PositionChunks, PositionCollate, TokenSequences, Windows
+from cvfp_lightning.data.text import SyntheticTokensDataModule, TextDataModule, UltraChatDataModule
+from cvfp_lightning.data.tokenizer import load_tokenizer
+
+__all__ = [
+    "TokenDataModule", "TextDataModule", "UltraChatDataModule", "SyntheticTokensDataModule", "TokenSequences",
+    "PositionChunks", "PositionCollate", "Windows", "IGNORE_INDEX", "load_tokenizer",
+]

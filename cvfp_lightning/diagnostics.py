@@ -1,0 +1,56 @@
+"""Post-training diagnostics of a context updater (the failure modes the seeds ran into).
+
+- identity mapping: ``mean cos(c, f(c, e))`` on random c; > 0.95 means f barely changes
+  the context (fixed points everywhere, nothing learned).
+- zero solution: RMS of the fixed points; ~0 means contexts collapsed to zero.
+- global attractor: mean pairwise L2 distance and cosine between the fixed points of
+  distinct tokens; distance ~0 / cosine ~1 means every token shares one fixed point.
+- contraction: spectral norm of ``df/dc`` at the fixed points (power iteration); < 1 is
+  the contraction the Banach argument of the specification needs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cvfp_lightning.models.context import ContextUpdater
+from cvfp_lightning.models.embedding import TokenEmbedding
+from cvfp_lightning.solvers import fixed_point_iter, jacobian_spectral_norm
+
+
+def attractor_stats(contexts: Tensor) -> dict[str, float]:
+    """Mean pairwise L2 distance and cosine between the rows of ``contexts (K, D)``, K >= 2."""
+    K = contexts.shape[0]
+    if K < 2:
+        return {"attractor_distance": float("nan"), "attractor_cosine": float("nan")}
+    x = contexts.double()
+    dist = torch.cdist(x, x)
+    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos = unit @ unit.T
+    off = ~torch.eye(K, dtype=torch.bool, device=x.device)
+    return {"attractor_distance": dist[off].mean().item(), "attractor_cosine": cos[off].mean().item()}
+
+
+@torch.no_grad()
+def cvfp_diagnostics(updater: ContextUpdater, embedding: TokenEmbedding, ids: Tensor, max_iter: int = 100,
+                     tol: float = 0.03, power_iters: int = 10, seed: int = 0) -> dict[str, float]:
+    """All diagnostics on the distinct token ids ``ids (K,)``; returns ``{name: value}``."""
+    device = next(updater.parameters()).device
+    ids = torch.unique(ids.to(device))
+    e = embedding(ids)
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(ids.shape[0], updater.context_dim, generator=g).to(device)
+    identity = torch.nn.functional.cosine_similarity(c, updater.update_context_one_step(c, e), dim=-1).mean().item()
+
+    def f(x):
+        return updater.update_context_one_step(x, e)
+
+    fixed, stats = fixed_point_iter(f, torch.zeros_like(c), max_iter=max_iter, tol=tol)
+    with torch.enable_grad():
+        sigma = jacobian_spectral_norm(f, fixed, n_iter=power_iters, generator=g)
+    out = {"identity_cosine": identity, "fixed_point_rate": stats.convergence_rate,
+           "fixed_point_steps": stats.mean_steps, "fixed_point_rms": fixed.pow(2).mean().sqrt().item(),
+           "contraction_mean": sigma.mean().item(), "contraction_max": sigma.max().item()}
+    out.update(attractor_stats(fixed))
+    return out

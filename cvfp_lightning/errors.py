@@ -1,0 +1,31 @@
+"""User-facing errors.
+
+A ``CVFPUserError`` means the user gave a value we cannot work with. The ``cvfp`` CLI
+prints its message as one line on stderr and exits with code 2 (no traceback unless
+``--debug`` or ``CVFP_DEBUG=1``). Messages name the bad value, what was expected, and
+how to fix it.
+"""
+
+
+class CVFPUserError(ValueError):
+    """A bad value supplied by the user (config, data, checkpoint, cache, prompt)."""
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise ``CVFPUserError(message)`` unless ``condition`` holds."""
+    if not condition:
+        raise CVFPUserError(message)
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    """Raise a clear error unless ``value`` is > 0 (or >= 0 with ``allow_zero``)."""
+    ok = value >= 0 if allow_zero else value > 0
+    bound = ">= 0" if allow_zero else "> 0"
+    check(ok, f"{name}={value!r} is invalid: expected a number {bound}.")
+
+
+def check_fraction(name: str, value: float, *, closed: bool = True) -> None:
+    """Raise a clear error unless ``value`` lies in [0, 1] (or (0, 1) when not closed)."""
+    ok = 0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0
+    interval = "[0, 1]" if closed else "(0, 1)"
+    check(ok, f"{name}={value!r} is invalid: expected a value in {interval}.")

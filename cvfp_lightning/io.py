@@ -1,0 +1,56 @@
+"""Safe file I/O: atomic writes and weights-only loads of untrusted files."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cvfp_lightning.errors import CVFPUserError
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temp file in the same folder, then rename: never a half-written file."""
+    return _atomic_write(Path(path), lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    return _atomic_write(Path(path), lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_write_json(obj: Any, path: str | Path) -> Path:
+    return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)``; a corrupt, truncated or foreign file -> CVFPUserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CVFPUserError(f"file {str(path)!r} does not exist.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, zip errors, unsupported globals, EOF...
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CVFPUserError(f"{str(path)!r} is not a readable cvfp_lightning file ({first}); it may be truncated, "
+                            "corrupt or from another program: delete it or point to the right file.") from exc

@@ -1,0 +1,284 @@
+"""Context updaters: the one update rule ``context_new = f(context, token_embed)``.
+
+Every caller (Phase 1 training in both modes, validation, the Phase 2 cache, generation,
+repetition training and every diagnostic) goes through
+:meth:`ContextUpdater.update_context_one_step`. Nothing else in the package computes a
+context.
+
+Shapes: ``context`` is ``(..., context_dim)``, ``token_embed`` is ``(..., embed_dim)``
+with the same leading dimensions; the result is ``(..., context_dim)``. Leading dimensions
+are arbitrary: a sequential pass calls it with ``(B, D)`` per time step, a parallel Phase 1
+iteration with ``(N, D)`` for all N positions at once.
+
+Updaters (``ContextConfig.updater``):
+
+``residual`` (the 2025-11-29 default). Per layer
+    ``x_{l+1} = LN(r(x_l) + ReLU(W_l [x_l; e] + b_l))`` when ``token_input_all_layers``
+    (all layers ``context_dim`` wide, ``r`` the identity), otherwise only layer 0 sees the
+    token: ``x_0 = [c; e]``, ``x_{l+1} = LN(r_l(x_l) + ReLU(W_l x_l + b_l))`` with widths
+    shrinking arithmetically from ``context_dim + embed_dim`` to ``context_dim`` and ``r_l``
+    a bias-free Linear where widths differ. Init: weights N(0, init_std), biases
+    N(0, bias_std) (0.1 / 0.01).
+``gated`` (Phase 1 specification). ``h = FNN([e; c])``,
+    ``c <- LN(sigmoid(W_f h) * c + sigmoid(W_i h) * tanh(W_d h))``. ``stacking=sequential``:
+    a deep FNN (``num_layers`` Linear+ReLU) then one gated update; ``layerwise``: one
+    Linear+ReLU and one gated update in every layer.
+``simple`` (repetition document). ``c <- clamp(LN(tanh(W FNN([e; c]))), -10, 10)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cvfp_lightning.errors import CVFPUserError, check, check_positive
+
+UpdaterName = Literal["residual", "gated", "simple"]
+Stacking = Literal["sequential", "layerwise"]
+
+
+@dataclass
+class ContextConfig:
+    """Shape of the context block.
+
+    Args:
+        updater: ``residual`` | ``gated`` | ``simple`` (see module docstring).
+        context_dim: width D of the context vector.
+        num_layers: layers of the block.
+        hidden_dim: FNN width of ``gated`` and ``simple`` (``residual`` has none).
+        token_input_all_layers: ``residual`` only: every layer sees the token embedding.
+        stacking: ``gated`` only: ``sequential`` or ``layerwise``.
+        init_std: std of the normal init of Linear weights.
+        bias_std: std of the normal init of Linear biases.
+    """
+
+    updater: UpdaterName = "residual"
+    context_dim: int = 768
+    num_layers: int = 6
+    hidden_dim: int = 512
+    token_input_all_layers: bool = True
+    stacking: Stacking = "layerwise"
+    init_std: float = 0.1
+    bias_std: float = 0.01
+
+    def __post_init__(self) -> None:
+        check(self.updater in ("residual", "gated", "simple"),
+              f"context.updater={self.updater!r} is unknown: expected residual, gated or simple.")
+        check(self.stacking in ("sequential", "layerwise"),
+              f"context.stacking={self.stacking!r} is unknown: expected sequential or layerwise.")
+        for name in ("context_dim", "num_layers", "hidden_dim"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and not isinstance(value, bool),
+                  f"context.{name}={value!r} is invalid: expected an integer.")
+            check_positive(f"context.{name}", value)
+        check_positive("context.init_std", self.init_std, allow_zero=True)
+        check_positive("context.bias_std", self.bias_std, allow_zero=True)
+
+    @classmethod
+    def coerce(cls, value: "ContextConfig | dict | None") -> "ContextConfig":
+        """Accept a ContextConfig, a plain dict (as stored in checkpoints) or None."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise CVFPUserError(f"context config has unknown keys {unknown}: expected some of {sorted(known)}.")
+            return cls(**value)
+        raise CVFPUserError(f"context config {value!r} is invalid: expected a mapping.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _init_linear(layer: nn.Linear, init_std: float, bias_std: float) -> None:
+    nn.init.normal_(layer.weight, 0.0, init_std)
+    if layer.bias is not None:
+        nn.init.normal_(layer.bias, 0.0, bias_std)
+
+
+class ContextUpdater(nn.Module):
+    """Base class of the context blocks.
+
+    Attributes:
+        context_dim: D, width of the context vector.
+        embed_dim: E, width of the token embedding.
+        layer_dims: width of each context output returned with ``return_all_layers``
+            (the inputs of the Phase 2 token block, one per layer).
+    """
+
+    context_dim: int
+    embed_dim: int
+    layer_dims: list[int]
+
+    def update_context_one_step(self, context: Tensor, token_embed: Tensor,
+                                return_all_layers: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Apply the update once: ``(..., D), (..., E) -> (..., D)``.
+
+        With ``return_all_layers`` also return the list of every layer's output
+        (``(..., layer_dims[l])`` each); the last one is the new context.
+        """
+        if context.shape[-1] != self.context_dim or token_embed.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"update_context_one_step got context {tuple(context.shape)} and token_embed "
+                f"{tuple(token_embed.shape)}; expected last dims {self.context_dim} and {self.embed_dim}.")
+        layers = self._layers(context, token_embed)
+        return (layers[-1], layers) if return_all_layers else layers[-1]
+
+    def forward(self, context: Tensor, token_embed: Tensor) -> Tensor:
+        return self.update_context_one_step(context, token_embed)
+
+    def _layers(self, context: Tensor, token_embed: Tensor) -> list[Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class ResidualContextBlock(ContextUpdater):
+    """``residual`` updater (see module docstring)."""
+
+    def __init__(self, cfg: ContextConfig, embed_dim: int):
+        super().__init__()
+        self.context_dim, self.embed_dim = cfg.context_dim, embed_dim
+        self.token_input_all_layers = cfg.token_input_all_layers
+        D, E, L = cfg.context_dim, embed_dim, cfg.num_layers
+        if cfg.token_input_all_layers:
+            in_dims, out_dims = [D + E] * L, [D] * L
+            self.residuals = nn.ModuleList([nn.Identity() for _ in range(L)])
+        else:
+            start = D + E
+            widths = [round(start + (D - start) * l / L) for l in range(L + 1)]
+            in_dims, out_dims = widths[:-1], widths[1:]
+            self.residuals = nn.ModuleList(
+                [nn.Identity() if i == o else nn.Linear(i, o, bias=False) for i, o in zip(in_dims, out_dims)])
+        self.linears = nn.ModuleList([nn.Linear(i, o) for i, o in zip(in_dims, out_dims)])
+        self.norms = nn.ModuleList([nn.LayerNorm(o) for o in out_dims])
+        self.layer_dims = list(out_dims)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                _init_linear(module, cfg.init_std, cfg.bias_std)
+
+    def _layers(self, context: Tensor, token_embed: Tensor) -> list[Tensor]:
+        outputs = []
+        if self.token_input_all_layers:
+            x = context
+            for res, lin, norm in zip(self.residuals, self.linears, self.norms):
+                x = norm(res(x) + F.relu(lin(torch.cat([x, token_embed], dim=-1))))
+                outputs.append(x)
+        else:
+            x = torch.cat([context, token_embed], dim=-1)
+            for res, lin, norm in zip(self.residuals, self.linears, self.norms):
+                x = norm(res(x) + F.relu(lin(x)))
+                outputs.append(x)
+        return outputs
+
+
+class GatedUpdate(nn.Module):
+    """``c <- LN(sigmoid(W_f h) * c + sigmoid(W_i h) * tanh(W_d h))``."""
+
+    def __init__(self, hidden_dim: int, context_dim: int):
+        super().__init__()
+        self.gates = nn.Linear(hidden_dim, 3 * context_dim)  # W_f, W_i, W_d stacked
+        self.norm = nn.LayerNorm(context_dim)
+
+    def forward(self, h: Tensor, context: Tensor) -> Tensor:
+        f, i, d = self.gates(h).chunk(3, dim=-1)
+        return self.norm(torch.sigmoid(f) * context + torch.sigmoid(i) * torch.tanh(d))
+
+
+def _fnn(in_dim: int, hidden_dim: int, depth: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for k in range(depth):
+        layers += [nn.Linear(in_dim if k == 0 else hidden_dim, hidden_dim), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class GatedContextBlock(ContextUpdater):
+    """``gated`` updater with ``sequential`` or ``layerwise`` stacking."""
+
+    def __init__(self, cfg: ContextConfig, embed_dim: int):
+        super().__init__()
+        self.context_dim, self.embed_dim = cfg.context_dim, embed_dim
+        D, E, H, L = cfg.context_dim, embed_dim, cfg.hidden_dim, cfg.num_layers
+        self.stacking = cfg.stacking
+        if cfg.stacking == "sequential":
+            self.fnns = nn.ModuleList([_fnn(E + D, H, L)])
+            self.updates = nn.ModuleList([GatedUpdate(H, D)])
+        else:
+            self.fnns = nn.ModuleList([_fnn(E + D, H, 1) for _ in range(L)])
+            self.updates = nn.ModuleList([GatedUpdate(H, D) for _ in range(L)])
+        self.layer_dims = [D] * len(self.updates)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                _init_linear(module, cfg.init_std, cfg.bias_std)
+
+    def _layers(self, context: Tensor, token_embed: Tensor) -> list[Tensor]:
+        outputs = []
+        for fnn, update in zip(self.fnns, self.updates):
+            context = update(fnn(torch.cat([token_embed, context], dim=-1)), context)
+            outputs.append(context)
+        return outputs
+
+
+class SimpleContextBlock(ContextUpdater):
+    """``simple`` updater: ``clamp(LN(tanh(W FNN([e; c]))), -10, 10)``."""
+
+    CLAMP = 10.0
+
+    def __init__(self, cfg: ContextConfig, embed_dim: int):
+        super().__init__()
+        self.context_dim, self.embed_dim = cfg.context_dim, embed_dim
+        self.fnn = _fnn(embed_dim + cfg.context_dim, cfg.hidden_dim, cfg.num_layers)
+        self.out = nn.Linear(cfg.hidden_dim, cfg.context_dim)
+        self.norm = nn.LayerNorm(cfg.context_dim)
+        self.layer_dims = [cfg.context_dim]
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                _init_linear(module, cfg.init_std, cfg.bias_std)
+
+    def _layers(self, context: Tensor, token_embed: Tensor) -> list[Tensor]:
+        h = self.fnn(torch.cat([token_embed, context], dim=-1))
+        return [torch.clamp(self.norm(torch.tanh(self.out(h))), -self.CLAMP, self.CLAMP)]
+
+
+def build_context_updater(cfg: ContextConfig | dict | None, embed_dim: int) -> ContextUpdater:
+    """Build the updater named by ``cfg.updater`` for token embeddings of width ``embed_dim``."""
+    cfg = ContextConfig.coerce(cfg)
+    check_positive("embed_dim", embed_dim)
+    cls = {"residual": ResidualContextBlock, "gated": GatedContextBlock, "simple": SimpleContextBlock}[cfg.updater]
+    return cls(cfg, embed_dim)
+
+
+def unroll(updater: ContextUpdater, token_embeds: Tensor, context0: Tensor | None = None,
+           return_all_layers: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+    """Sequential pass: ``c_t = f(c_{t-1}, e_t)`` for t = 0..T-1 from ``c_{-1} = context0``.
+
+    Args:
+        token_embeds: ``(B, T, E)``.
+        context0: ``(B, D)`` starting context; zeros when None.
+    Returns:
+        contexts ``(B, T, D)``, and with ``return_all_layers`` a list of ``(B, T, d_l)``.
+    """
+    B, T, _ = token_embeds.shape
+    context = (token_embeds.new_zeros(B, updater.context_dim) if context0 is None else context0)
+    finals: list[Tensor] = []
+    per_layer: list[list[Tensor]] = [[] for _ in updater.layer_dims] if return_all_layers else []
+    for t in range(T):
+        if return_all_layers:
+            context, layers = updater.update_context_one_step(context, token_embeds[:, t], return_all_layers=True)
+            for store, layer in zip(per_layer, layers):
+                store.append(layer)
+        else:
+            context = updater.update_context_one_step(context, token_embeds[:, t])
+        finals.append(context)
+    if T == 0:
+        out = token_embeds.new_zeros(B, 0, updater.context_dim)
+        return (out, [token_embeds.new_zeros(B, 0, d) for d in updater.layer_dims]) if return_all_layers else out
+    contexts = torch.stack(finals, dim=1)
+    if return_all_layers:
+        return contexts, [torch.stack(store, dim=1) for store in per_layer]
+    return contexts

@@ -1,0 +1,79 @@
+"""Sequential passes over token sequences (Phase 1 iteration 0, caches, evaluation).
+
+``sequential_pass`` runs ``c_t = f(c_{t-1}, e_t)`` from ``c = 0`` over every sequence of a
+:class:`~cvfp_lightning.data.sequences.TokenSequences`, many sequences at once: sequences
+are sorted by length and processed ``batch_size`` at a time, so per-sample data gets one
+update call per time step for the whole batch (the only per-token Python overhead).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cvfp_lightning.data.sequences import TokenSequences
+from cvfp_lightning.models.context import ContextUpdater
+from cvfp_lightning.models.embedding import TokenEmbedding
+
+EMBED_BLOCK = 512  # time steps embedded at once (bounds memory for long streams)
+
+
+@torch.no_grad()
+def sequential_pass(updater: ContextUpdater, embedding: TokenEmbedding, seqs: TokenSequences,
+                    batch_size: int = 256, return_all_layers: bool = False, rank: int = 0, world_size: int = 1,
+                    out_dtype: torch.dtype = torch.float32) -> Tensor | tuple[Tensor, list[Tensor]]:
+    """Contexts of every position, ``(N, D)`` (and every layer's, ``[(N, d_l)]``).
+
+    Only sequences ``s`` with ``s % world_size == rank`` are computed; the other rows stay
+    zero, so summing the results of all ranks gives the full pass.
+    """
+    device = next(updater.parameters()).device
+    N = seqs.num_tokens
+    out = torch.zeros(N, updater.context_dim, dtype=out_dtype, device=device)
+    layers_out = [torch.zeros(N, d, dtype=out_dtype, device=device) for d in updater.layer_dims] \
+        if return_all_layers else []
+    lengths = seqs.lengths
+    mine = torch.arange(seqs.num_sequences)
+    mine = mine[(mine % world_size == rank) & (lengths[mine] > 0)]
+    order = mine[torch.argsort(lengths[mine], descending=True, stable=True)]
+    for b in range(0, len(order), batch_size):
+        group = order[b:b + batch_size]
+        ids, lens = seqs.padded(group)
+        ids = ids.to(device)
+        B, T = ids.shape
+        # flat target index of (row, t); padded steps point past the end and are dropped
+        flat = seqs.offsets[group].unsqueeze(1) + torch.arange(T).unsqueeze(0)
+        valid = torch.arange(T).unsqueeze(0) < lens.unsqueeze(1)
+        context = torch.zeros(B, updater.context_dim, device=device)
+        for t0 in range(0, T, EMBED_BLOCK):
+            t1 = min(t0 + EMBED_BLOCK, T)
+            embeds = embedding(ids[:, t0:t1])  # (B, t1-t0, E)
+            steps, layer_steps = [], [[] for _ in updater.layer_dims]
+            for t in range(t1 - t0):
+                if return_all_layers:
+                    context, layers = updater.update_context_one_step(context, embeds[:, t], return_all_layers=True)
+                    for store, layer in zip(layer_steps, layers):
+                        store.append(layer)
+                else:
+                    context = updater.update_context_one_step(context, embeds[:, t])
+                steps.append(context)
+            block_valid = valid[:, t0:t1]
+            idx = flat[:, t0:t1][block_valid].to(device)
+            mask = block_valid.to(device)
+            out[idx] = torch.stack(steps, dim=1)[mask].to(out_dtype)
+            for store, layer_buf in zip(layer_steps, layers_out):
+                layer_buf[idx] = torch.stack(store, dim=1)[mask].to(out_dtype)
+    return (out, layers_out) if return_all_layers else out
+
+
+def shifted_inputs(contexts: Tensor, positions: Tensor, is_start: Tensor,
+                   initial: Tensor | None = None) -> Tensor:
+    """The one-token shift: input context of position i is ``contexts[i - 1]``.
+
+    ``contexts (N, D)``, ``positions (n,)``, ``is_start (n,)`` -> ``(n, D)``; a position that
+    starts a sequence gets ``initial`` (zeros by default) instead.
+    """
+    prev_idx = (positions - 1).clamp_min(0)
+    shifted = contexts[prev_idx]
+    start_value = shifted.new_zeros(()) if initial is None else initial.to(shifted.dtype)
+    return torch.where(is_start.unsqueeze(-1), start_value, shifted)
