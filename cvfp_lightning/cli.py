@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cvfp_lightning.errors import CVFPUserError
@@ -72,8 +72,15 @@ class CVFPCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
-        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+        """Add a RichProgressBar unless progress bars are off or one is configured."""
+        configured = list(config.get("callbacks") or []) + list(callbacks)
+        if config.get("enable_progress_bar", True) is not False and not any(
+                isinstance(c, ProgressBar) for c in configured):
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     # ---- resume: find `last`, refuse changed hyperparameters ---------------------------
     def _logger_dirs(self) -> list[Path]:

@@ -121,6 +121,7 @@ class TokenDataModule(L.LightningDataModule):
             check(len(ds) >= self.num_samples,
                   f"data.num_samples={self.num_samples} but the source has only {len(ds)} samples: lower it.")
             ds = ds.select(range(self.num_samples))
+        check(len(ds) > 0, f"the data source {self.describe()} holds no text: give a non-empty source.")
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
 
         def encode(batch):
