@@ -147,7 +147,8 @@ class CVFPCLI(LightningCLI):
 
 
 def _run_cli(args: list[str]) -> None:
-    CVFPCLI(args=args)
+    # LightningCLI reads sys.argv itself; pass args only when they differ (in-process calls)
+    CVFPCLI(args=None if args == sys.argv[1:] else args)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("CVFP_DEBUG", "") not in ("", "0")
     if "--debug" in argv:
         argv.remove("--debug")
+        if "--debug" in sys.argv:
+            sys.argv.remove("--debug")
         debug = True
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     try:

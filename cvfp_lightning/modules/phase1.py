@@ -123,7 +123,7 @@ class Phase1FixedPoint(L.LightningModule):
         self.train_erank = EffectiveRank(effective_rank_rows, percent=True, sync_on_compute=mode == "tokenwise")
         self.val_erank = EffectiveRank(effective_rank_rows, percent=True, sync_on_compute=mode == "tokenwise")
         self._state: dict[str, Tensor | None] = {"train_prev": None, "val_prev": None, "center": None,
-                                                 "spread": None}
+                                                 "spread": None, "noise_seed": None}
         self._new: dict[str, Tensor | None] = {"train": None, "val": None}
         self._iter_start = 0.0
         self._mid_iteration = False
@@ -171,7 +171,20 @@ class Phase1FixedPoint(L.LightningModule):
         self._state["center"], self._state["spread"] = center, torch.linalg.vector_norm(prev - center)
 
     # ---- hooks ---------------------------------------------------------------------------
+    def _chunk_noise(self, like: Tensor, first_position: int) -> Tensor:
+        """Noise of one chunk, a function of (seed, iteration, first position) only.
+
+        So a resumed run, a DDP run and a single-process run draw the same noise for the
+        same position, whatever rank or restart computes it.
+        """
+        g = torch.Generator(device="cpu")
+        g.manual_seed((int(self._state["noise_seed"]) * 1_000_003 + self.current_epoch * 7_919_113
+                       + first_position) % (2**63 - 1))
+        return torch.randn(like.shape, generator=g).to(device=like.device, dtype=like.dtype)
+
     def on_fit_start(self) -> None:
+        if self._state["noise_seed"] is None:
+            self._state["noise_seed"] = torch.initial_seed()
         if self.hparams.mode != "parallel":
             return
         seqs = self._sequences("train")
@@ -183,7 +196,7 @@ class Phase1FixedPoint(L.LightningModule):
             self._state["train_prev"] = prev.to(self.device)
             if self._state["val_prev"] is not None:
                 self._state["val_prev"] = self._state["val_prev"].to(self.device)
-            for key in ("center", "spread"):
+            for key in ("center", "spread"):  # noise_seed is a plain int
                 if self._state[key] is not None:
                     self._state[key] = self._state[key].to(self.device)
             return
@@ -214,8 +227,8 @@ class Phase1FixedPoint(L.LightningModule):
         pos, ids, is_start = batch["positions"], batch["ids"], batch["is_start"]
         N, W = prev.shape[0], self.trainer.world_size
         inp = shifted_inputs(prev, pos, is_start)
-        if hp.noise_std > 0:
-            inp = inp + hp.noise_std * torch.randn_like(inp)
+        if hp.noise_std > 0 and pos.numel():
+            inp = inp + hp.noise_std * self._chunk_noise(inp, int(pos[0]))
         out = self.updater.update_context_one_step(inp, self.embedding(ids)).float()
         res = per_dim_mse(out, prev[pos])  # (n,)
         if hp.diversity_center == "global":

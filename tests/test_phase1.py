@@ -1,0 +1,119 @@
+"""Phase 1 end to end through the real CLI: early stop, scalars, resume, DDP, bf16, tokenwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONFIGS, read_scalars, run_cli
+from cvfp_lightning.modules import Phase1FixedPoint
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--data.init_args.num_samples", "12", "--data.init_args.max_seq_len", "96",
+         "--model.init_args.context.context_dim", "32", "--model.init_args.context.num_layers", "2",
+         "--model.init_args.embedding.embed_dim", "32", "--trainer.enable_progress_bar", "false",
+         "--trainer.enable_model_summary", "false"]
+
+
+def phase1(tmp_path: Path, *extra: str, config: str = "phase1.yaml") -> Path:
+    run_cli(["fit", "--config", str(CONFIGS / config), *SMALL,
+             "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), *extra])
+    return tmp_path / "logs"
+
+
+def last_ckpt(logs: Path, version: int | None = None) -> Path:
+    found = sorted(logs.rglob("last.ckpt"))
+    if version is not None:
+        found = [p for p in found if f"version_{version}" in str(p)]
+    assert found, f"no last.ckpt under {logs}"
+    return found[-1]
+
+
+def test_fit_reaches_early_stop_and_logs_the_named_scalars(tmp_path):
+    logs = phase1(tmp_path, "--trainer.max_epochs", "40", "--model.init_args.noise_std", "0.02")
+    scalars = read_scalars(logs)
+    for tag in ["train/loss", "train/cvfp_loss", "train/diversity_loss", "train/convergence_rate",
+                "val/convergence_rate", "train/effective_rank_pct", "val/effective_rank_pct",
+                "train/effective_rank", "time/iteration0_s", "diag/contraction_mean", "diag/attractor_distance"]:
+        assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
+    rates = [v for _, v in scalars["train/convergence_rate"]]
+    assert rates[-1] >= 0.95, rates
+    assert 5 <= len(rates) < 40  # stopped early, not before min_iterations
+    assert all(r < 0.95 for r in rates[:-1] if len(rates) > 5)
+    er = scalars["train/effective_rank_pct"][-1][1]
+    assert 1.0 < er <= 100.0
+    # the global diversity loss is -||X - mean||_F / N of the contexts: negative, bounded by -RMS spread
+    assert scalars["train/diversity_loss"][-1][1] < 0
+
+
+def _state(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("mode_args", [[], ["--config", str(CONFIGS / "phase1_tokenwise.yaml")]],
+                         ids=["parallel", "tokenwise"])
+def test_stop_and_resume_gives_the_uninterrupted_weights(tmp_path, mode_args):
+    config = "phase1_tokenwise.yaml" if mode_args else "phase1.yaml"
+    stop = ["--trainer.callbacks", "[]"]  # no early stop: compare a fixed number of iterations
+    full = phase1(tmp_path / "a", "--trainer.max_epochs", "4", *stop, config=config)
+    part = phase1(tmp_path / "b", "--trainer.max_epochs", "2", *stop, config=config)
+    phase1(tmp_path / "b", "--trainer.max_epochs", "4", *stop, "--ckpt_path", "last", config=config)
+    a, b = _state(last_ckpt(full)), _state(last_ckpt(part, version=1))
+    assert a["epoch"] == b["epoch"] == 3
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    if not mode_args:
+        sa, sb = a["cvfp_phase1_state"], b["cvfp_phase1_state"]
+        assert torch.equal(sa["train_prev"], sb["train_prev"]) and torch.equal(sa["val_prev"], sb["val_prev"])
+
+
+def test_resume_with_a_changed_shape_is_refused(tmp_path, capsys):
+    logs = phase1(tmp_path, "--trainer.max_epochs", "1")
+    with pytest.raises(SystemExit) as info:
+        phase1(tmp_path, "--trainer.max_epochs", "2", "--model.init_args.context.context_dim", "48",
+               "--ckpt_path", str(last_ckpt(logs)))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "context.context_dim: checkpoint 32 vs config 48" in err
+
+
+def test_ddp_two_cpu_processes_match_one_process(tmp_path):
+    common = ["--trainer.max_epochs", "3", "--trainer.callbacks", "[]", "--data.init_args.chunk_size", "256"]
+    one = read_scalars(phase1(tmp_path / "one", *common))
+    two = read_scalars(phase1(tmp_path / "two", *common, "--trainer.strategy", "ddp_spawn", "--trainer.devices", "2",
+                              "--trainer.accelerator", "cpu"))
+    for tag in ["train/convergence_rate", "val/convergence_rate", "train/effective_rank_pct",
+                "val/effective_rank_pct"]:
+        a, b = [v for _, v in one[tag]], [v for _, v in two[tag]]
+        assert len(a) == len(b) == 3
+        assert a == pytest.approx(b, abs=2e-3), tag
+
+
+def test_bf16_mixed_precision_completes(tmp_path):
+    scalars = read_scalars(phase1(tmp_path, "--trainer.max_epochs", "2", "--trainer.precision", "bf16-mixed",
+                                  "--trainer.callbacks", "[]"))
+    rates = [v for _, v in scalars["train/convergence_rate"]]
+    assert len(rates) == 2 and all(0.0 <= r <= 1.0 for r in rates)
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in scalars["train/loss"])
+
+
+def test_tokenwise_mode_logs_iterations_and_converges(tmp_path):
+    scalars = read_scalars(phase1(tmp_path, "--trainer.max_epochs", "2", config="phase1_tokenwise.yaml"))
+    iters = [v for _, v in scalars["train/mean_iterations"]]
+    assert all(1.0 <= v <= 200.0 for v in iters)
+    assert scalars["val/convergence_rate"][-1][1] >= 0.95
+    assert "val/mean_iterations" in scalars
+
+
+def test_checkpoint_carries_state_and_loads_for_inference(tmp_path):
+    logs = phase1(tmp_path, "--trainer.max_epochs", "2", "--trainer.callbacks", "[]")
+    ckpt = last_ckpt(logs)
+    state = _state(ckpt)["cvfp_phase1_state"]
+    model = Phase1FixedPoint.load_from_checkpoint(ckpt, map_location="cpu")
+    assert torch.equal(model.contexts("train"), state["train_prev"])
+    assert torch.equal(model.contexts("val"), state["val_prev"])
+    assert state["train_prev"].shape[1] == 32 and torch.isfinite(state["train_prev"]).all()
+    assert isinstance(state["noise_seed"], int)
