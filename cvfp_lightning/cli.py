@@ -56,6 +56,49 @@ def _to_plain(value):
     return value
 
 
+def _one_line(message: str) -> str:
+    """Collapse a (jsonargparse) error message to one line without the value dumps."""
+    lines = [line.strip().lstrip("- ").strip() for line in str(message).splitlines()]
+    keep = [line for line in lines if line and not line.startswith(("Given value", "Expected a <class 'NoneType'>"))]
+    return " ".join(keep)[:800]
+
+
+def _find_user_error(exc: BaseException | None) -> CVFPUserError | None:
+    """The user error behind ``exc``.
+
+    jsonargparse re-raises errors of ``__init__`` as a ValueError whose text embeds ours
+    but whose cause is another union member's error, so the message is matched too.
+    Lightning's MisconfigurationException (bad trainer flags) counts as a user error.
+    """
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    top, seen = exc, set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, CVFPUserError):
+            return exc
+        if isinstance(exc, MisconfigurationException):
+            return CVFPUserError(_one_line(str(exc)))
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    last = CVFPUserError.last
+    if top is not None and last is not None and str(last) and str(last) in str(top):
+        return last
+    return None
+
+
+class CVFPArgumentParser(LightningArgumentParser):
+    """Parse errors as one line on stderr, exit code 2 (the full report with ``--debug``)."""
+
+    debug = False
+
+    def error(self, message: str, ex: Exception | None = None):
+        if self.debug or not self.exit_on_error:
+            return super().error(message, ex)
+        user = _find_user_error(ex)
+        sys.stderr.write(f"cvfp: error: {user if user is not None else _one_line(message)}\n")
+        self.exit(2)
+
+
 class CVFPCLI(LightningCLI):
     """LightningCLI with the cvfp defaults: checkpointing with ``last.ckpt``, a rich
     progress bar, seed 42, the vocabulary size linked from the data, safe resume."""
@@ -67,6 +110,7 @@ class CVFPCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("seed_everything_default", 42)
         kwargs.setdefault("save_config_kwargs", {"overwrite": False})
+        kwargs.setdefault("parser_class", CVFPArgumentParser)
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -81,6 +125,16 @@ class CVFPCLI(LightningCLI):
                 isinstance(c, ProgressBar) for c in configured):
             callbacks = [*callbacks, RichProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _set_seed(self) -> None:
+        """Lightning's seeding, without the log line (user errors stay one line on stderr)."""
+        from lightning.fabric.utilities.seed import seed_everything
+
+        seed = self._get(self.config, "seed_everything")
+        if seed is False:
+            return
+        seed = seed_everything(None if seed is True else seed, workers=True, verbose=False)
+        (self.config[self.subcommand] if self.subcommand else self.config)["seed_everything"] = seed
 
     # ---- resume: find `last`, refuse changed hyperparameters ---------------------------
     def _logger_dirs(self) -> list[Path]:
@@ -160,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         if "--debug" in sys.argv:
             sys.argv.remove("--debug")
         debug = True
+    CVFPArgumentParser.debug = debug
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     try:
         if argv and argv[0] == "scaling":
@@ -168,10 +223,11 @@ def main(argv: list[str] | None = None) -> None:
             scaling_main(argv[1:])
         else:
             _run_cli(argv)
-    except CVFPUserError as exc:
-        if debug:
+    except Exception as exc:  # noqa: BLE001 - only user errors are shortened, others re-raised
+        user = _find_user_error(exc)
+        if user is None or debug:
             raise
-        print(f"cvfp: error: {exc}", file=sys.stderr)
+        print(f"cvfp: error: {user}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -10,6 +10,12 @@ how to fix it.
 class CVFPUserError(ValueError):
     """A bad value supplied by the user (config, data, checkpoint, cache, prompt)."""
 
+    last: "CVFPUserError | None" = None  # the latest one raised (jsonargparse drops the cause)
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        CVFPUserError.last = self
+
 
 def check(condition: bool, message: str) -> None:
     """Raise ``CVFPUserError(message)`` unless ``condition`` holds."""
