@@ -200,7 +200,25 @@ class CVFPCLI(LightningCLI):
                                 f"same ones. Differences: {'; '.join(diffs)}.")
 
 
+def _check_config_files(args: list[str]) -> None:
+    """Name the file when a ``--config`` is missing or not YAML (jsonargparse does not)."""
+    import yaml
+
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise CVFPUserError(f"--config {path!r} does not exist: give the path of a YAML config (see configs/).")
+        try:
+            yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise CVFPUserError(f"--config {path!r} is not valid YAML: {_one_line(str(exc))}") from exc
+
+
 def _run_cli(args: list[str]) -> None:
+    _check_config_files(args)
     # LightningCLI reads sys.argv itself; pass args only when they differ (in-process calls)
     CVFPCLI(args=None if args == sys.argv[1:] else args)
 

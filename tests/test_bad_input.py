@@ -1,0 +1,120 @@
+"""Bad input through the real CLI: exit code 2, one line on stderr, no traceback, and no file
+of an existing run folder changed (hashed before and after)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONFIGS, ROOT, run_cli
+
+P1 = str(CONFIGS / "phase1.yaml")
+QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--data.init_args.num_samples", "6", "--data.init_args.max_seq_len", "64",
+         "--model.init_args.context.context_dim", "16", "--model.init_args.context.num_layers", "1",
+         "--model.init_args.embedding.embed_dim", "16"]
+
+
+def tree_hash(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def existing_run(tmp_path_factory) -> Path:
+    """A finished Phase 1 run whose folder must survive every bad input untouched."""
+    logs = tmp_path_factory.mktemp("existing") / "logs"
+    run_cli(["fit", "--config", P1, *QUICK, "--trainer.max_epochs", "1", "--trainer.callbacks", "[]",
+             "--trainer.logger.init_args.save_dir", str(logs)])
+    return logs
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, existing_run) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.txt").write_text("")
+    (d / "latin1.txt").write_bytes("na\xefve caf\xe9\n".encode("latin-1") * 20)
+    (d / "binary.txt").write_bytes(bytes(range(256)) * 8)
+    (d / "blank.txt").write_text("\n \n\t\n")
+    (d / "garbage.ckpt").write_bytes(os.urandom(4096))
+    good = next(existing_run.rglob("last.ckpt"))
+    (d / "truncated.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    torch.save({"weights": torch.zeros(3)}, d / "foreign.ckpt")
+    (d / "not_a_tokenizer").mkdir()
+    (d / "bad.yaml").write_text("model: [unclosed\n")
+    (d / "good.txt").write_text("Some text for the tokenizer.\n\nAnother paragraph of text here.\n")
+    return {p.stem: p for p in d.iterdir()} | {"last": good}
+
+
+# (case id, extra CLI arguments (with {name} = a file of the `files` fixture), expected text of the message)
+CASES = [
+    ("unknown model key", ["--model.init_args.bogus", "1"], "bogus"),
+    ("unknown top-level key", ["--modle.init_args.lr", "1"], "modle"),
+    ("wrong type", ["--model.init_args.context.context_dim", "abc"], "context_dim"),
+    ("zero context dim", ["--model.init_args.context.context_dim", "0"], "context.context_dim=0"),
+    ("negative layers", ["--model.init_args.context.num_layers", "-2"], "context.num_layers=-2"),
+    ("dist_reg_weight > 1", ["--model.init_args.dist_reg_weight", "1.5"], "dist_reg_weight=1.5"),
+    ("dist_reg_weight < 0", ["--model.init_args.dist_reg_weight", "-0.1"], "dist_reg_weight=-0.1"),
+    ("negative lr", ["--model.init_args.lr=-1e-3"], "lr=-0.001"),
+    ("unknown mode", ["--model.init_args.mode", "serial"], "serial"),
+    ("unknown updater", ["--model.init_args.context.updater", "lstm"], "lstm"),
+    ("unknown centring", ["--model.init_args.diversity_center", "median"], "median"),
+    ("negative max_epochs", ["--trainer.max_epochs", "-5"], "max_epochs"),
+    ("missing data file", ["--data.init_args.paths", "[/no/such/file.txt]"], "does not exist"),
+    ("empty data file", ["--data.init_args.paths", "[{empty}]"], "is empty"),
+    ("undecodable text", ["--data.init_args.paths", "[{latin1}]"], "not UTF-8"),
+    ("binary file", ["--data.init_args.paths", "[{binary}]"], "not UTF-8"),
+    ("whitespace-only file", ["--data.init_args.paths", "[{blank}]"], "no text"),
+    ("val_fraction 0", ["--data.init_args.val_fraction", "0"], "val_fraction"),
+    ("unknown sequences", ["--data.init_args.sequences", "tokens"], "tokens"),
+    ("hub tokenizer offline", ["--data.init_args.tokenizer", "no-such-org/no-such-tokenizer"], "bundled tokenizer"),
+    ("missing tokenizer folder", ["--data.init_args.tokenizer", "./no/such/folder"], "does not exist"),
+    ("folder that is no tokenizer", ["--data.init_args.tokenizer", "{not_a_tokenizer}"], "could not be loaded"),
+    ("missing checkpoint", ["--ckpt_path", "/no/such.ckpt"], "does not exist"),
+    ("garbage checkpoint", ["--ckpt_path", "{garbage}"], "not a readable"),
+    ("truncated checkpoint", ["--ckpt_path", "{truncated}"], "not a readable"),
+    ("foreign checkpoint", ["--ckpt_path", "{foreign}"], "not a Lightning checkpoint"),
+    ("changed shape on resume", ["--ckpt_path", "{last}", "--model.init_args.context.context_dim", "24"],
+     "context.context_dim: checkpoint 16 vs config 24"),
+    ("resume last with nothing to resume", ["--ckpt_path", "last", "--trainer.logger.init_args.name", "nothing"],
+     "no last.ckpt"),
+    ("unparsable config", ["--config", "{bad}"], "bad.yaml"),
+    ("tokenwise warmup >= max", ["--model.init_args.mode", "tokenwise", "--model.init_args.warmup_iterations", "5",
+                                 "--model.init_args.max_inner_iterations", "5"], "warmup_iterations=5"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, extra, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, extra, expected, files, existing_run, capsys):
+    before = tree_hash(existing_run)
+    args = [a.format(**files) for a in extra]
+    with pytest.raises(SystemExit) as info:
+        run_cli(["fit", "--config", P1, *QUICK, "--trainer.logger.init_args.save_dir", str(existing_run), *args])
+    assert info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert err[0].startswith("cvfp: error: ") and expected in err[0], err[0]
+    assert "Traceback" not in err[0]
+    assert tree_hash(existing_run) == before
+
+
+@pytest.mark.slow
+def test_bad_input_in_a_fresh_process_prints_exactly_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "cvfp_lightning.cli", "fit", "--config", P1,
+                           "--model.init_args.dist_reg_weight", "2", "--trainer.logger.init_args.save_dir",
+                           str(tmp_path)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "cvfp: error: model.dist_reg_weight=2.0 is invalid: expected a value in [0, 1]."]
+    debug = subprocess.run([sys.executable, "-m", "cvfp_lightning.cli", "fit", "--config", P1, "--debug",
+                            "--model.init_args.dist_reg_weight", "2"], capture_output=True, text=True, env=env,
+                           cwd=ROOT, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
