@@ -42,6 +42,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CVFP_CACHE_DIR", Path.home() / ".cache" / "cvfp_lightning"))
 
 
+def quiet_datasets() -> None:
+    """No datasets progress bars on stderr: Lightning's bar and our log lines say enough."""
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
 class TokenDataModule(L.LightningDataModule):
     """Base class of the text data modules.
 
@@ -116,12 +123,13 @@ class TokenDataModule(L.LightningDataModule):
 
     def tokenize(self) -> dict:
         """Tokenise the source: ``{"ids": (N,) int32, "lengths": (S,), "nbytes": (S,)}``."""
+        quiet_datasets()
         ds = self.load_texts()
+        check(len(ds) > 0, f"the data source {self.describe()} holds no text: give a non-empty source.")
         if self.num_samples is not None:
             check(len(ds) >= self.num_samples,
                   f"data.num_samples={self.num_samples} but the source has only {len(ds)} samples: lower it.")
             ds = ds.select(range(self.num_samples))
-        check(len(ds) > 0, f"the data source {self.describe()} holds no text: give a non-empty source.")
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
 
         def encode(batch):
@@ -130,8 +138,9 @@ class TokenDataModule(L.LightningDataModule):
                 ids = [x + [eos] for x in ids]
             return {"ids": ids, "nbytes": [len(t.encode("utf-8")) for t in batch["text"]]}
 
+        log.info("tokenising %d samples of %s", len(ds), self.describe())
         ds = ds.map(encode, batched=True, remove_columns=ds.column_names, load_from_cache_file=False,
-                    keep_in_memory=True, desc="tokenising")
+                    keep_in_memory=True)
         seqs = [torch.tensor(x, dtype=torch.int32) for x in ds["ids"] if len(x)]
         nbytes = [n for x, n in zip(ds["ids"], ds["nbytes"]) if len(x)]
         check(len(seqs) > 0 and sum(len(s) for s in seqs) >= 2,
@@ -232,6 +241,9 @@ class TokenDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if hasattr(module, "prompt_dataloader"):  # generation: the module's prompts, encoded with our tokenizer
+            return module.prompt_dataloader(self.tokenizer)
         return self.val_dataloader()
 
     def state_dict(self) -> dict:
