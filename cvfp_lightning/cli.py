@@ -119,8 +119,12 @@ class CVFPCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
-        """Add a RichProgressBar unless progress bars are off or one is configured."""
+        """Add a NonFiniteGuard, and a RichProgressBar unless progress bars are off or one is configured."""
+        from cvfp_lightning.callbacks.guard import NonFiniteGuard
+
         configured = list(config.get("callbacks") or []) + list(callbacks)
+        if not any(isinstance(c, NonFiniteGuard) for c in configured):
+            callbacks = [*callbacks, NonFiniteGuard()]
         if config.get("enable_progress_bar", True) is not False and not any(
                 isinstance(c, ProgressBar) for c in configured):
             callbacks = [*callbacks, RichProgressBar()]

@@ -3,5 +3,6 @@
 from cvfp_lightning.callbacks.diagnostics import CVFPDiagnostics
 from cvfp_lightning.callbacks.early_stopping import ConvergenceEarlyStopping
 from cvfp_lightning.callbacks.effective_rank import EffectiveRankMonitor
+from cvfp_lightning.callbacks.guard import NonFiniteGuard, TrainingDiverged
 
-__all__ = ["ConvergenceEarlyStopping", "EffectiveRankMonitor", "CVFPDiagnostics"]
+__all__ = ["ConvergenceEarlyStopping", "EffectiveRankMonitor", "CVFPDiagnostics", "NonFiniteGuard", "TrainingDiverged"]
