@@ -3,7 +3,10 @@
 ``sequential_pass`` runs ``c_t = f(c_{t-1}, e_t)`` from ``c = 0`` over every sequence of a
 :class:`~cvfp_lightning.data.sequences.TokenSequences`, many sequences at once: sequences
 are sorted by length and processed ``batch_size`` at a time, so per-sample data gets one
-update call per time step for the whole batch (the only per-token Python overhead).
+update call per time step for the whole batch (the only per-token Python overhead). The
+token's share of every Linear (``W_e e + b``) is computed for a block of steps in one
+matrix product (:meth:`ContextUpdater.token_terms`), so each step multiplies only the
+context: half the weight reads of the memory-bound step.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from cvfp_lightning.data.sequences import TokenSequences
 from cvfp_lightning.models.context import ContextUpdater
 from cvfp_lightning.models.embedding import TokenEmbedding
 
-EMBED_BLOCK = 512  # time steps embedded at once (bounds memory for long streams)
+MAX_BLOCK = 512  # time steps embedded at once
+BLOCK_FLOATS = 1 << 24  # bound on the floats of one block's precomputed token terms (64 MB)
 
 
 @torch.no_grad()
@@ -45,17 +49,20 @@ def sequential_pass(updater: ContextUpdater, embedding: TokenEmbedding, seqs: To
         flat = seqs.offsets[group].unsqueeze(1) + torch.arange(T).unsqueeze(0)
         valid = torch.arange(T).unsqueeze(0) < lens.unsqueeze(1)
         context = torch.zeros(B, updater.context_dim, device=device)
-        for t0 in range(0, T, EMBED_BLOCK):
-            t1 = min(t0 + EMBED_BLOCK, T)
+        block = max(1, min(MAX_BLOCK, BLOCK_FLOATS // max(1, B * updater.token_terms_width())))
+        for t0 in range(0, T, block):
+            t1 = min(t0 + block, T)
             embeds = embedding(ids[:, t0:t1])  # (B, t1-t0, E)
+            terms = updater.token_terms(embeds)  # the token's share of each Linear, for the whole block at once
             steps, layer_steps = [], [[] for _ in updater.layer_dims]
             for t in range(t1 - t0):
+                step_terms = [term[:, t] for term in terms]
                 if return_all_layers:
-                    context, layers = updater.update_context_one_step(context, embeds[:, t], return_all_layers=True)
+                    context, layers = updater.update_context_one_step(context, embeds[:, t], True, step_terms)
                     for store, layer in zip(layer_steps, layers):
                         store.append(layer)
                 else:
-                    context = updater.update_context_one_step(context, embeds[:, t])
+                    context = updater.update_context_one_step(context, embeds[:, t], token_terms=step_terms)
                 steps.append(context)
             block_valid = valid[:, t0:t1]
             idx = flat[:, t0:t1][block_valid].to(device)

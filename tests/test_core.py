@@ -107,6 +107,12 @@ def test_updater_shapes(cfg, layer_dims):
     assert out.shape == (5, 7, 16)
     assert [tuple(t.shape) for t in layers] == [(5, 7, d) for d in layer_dims]
     assert torch.equal(layers[-1], out)
+    # precomputed token terms (the sequential pass's fast path) give the same function
+    fast, fast_layers = upd.update_context_one_step(c, e, True, upd.token_terms(e))
+    torch.testing.assert_close(fast, out)
+    for a, b in zip(fast_layers, layers):
+        torch.testing.assert_close(a, b)
+    assert sum(t.shape[-1] for t in upd.token_terms(e)) == upd.token_terms_width()
     ctx = unroll(upd, torch.randn(2, 6, 16))
     assert ctx.shape == (2, 6, 16)
     # unroll is the repeated one-step update

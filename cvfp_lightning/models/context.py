@@ -103,6 +103,23 @@ def _init_linear(layer: nn.Linear, init_std: float, bias_std: float) -> None:
         nn.init.normal_(layer.bias, 0.0, bias_std)
 
 
+def _token_term(lin: nn.Linear, token_embed: Tensor, token_first: bool) -> Tensor:
+    """The token's share ``W_e e + b`` of a Linear over ``[e; x]`` (or ``[x; e]``)."""
+    E = token_embed.shape[-1]
+    w_e = lin.weight[:, :E] if token_first else lin.weight[:, lin.in_features - E:]
+    return F.linear(token_embed, w_e, lin.bias)
+
+
+def _split_linear(lin: nn.Linear, x: Tensor, token_embed: Tensor, term: Tensor | None, token_first: bool) -> Tensor:
+    """``lin([e; x])`` (or ``lin([x; e])``); with the precomputed ``term = W_e e + b`` only
+    ``W_x x`` is computed per step, which halves the sequential pass's weight reads."""
+    if term is None:
+        return lin(torch.cat([token_embed, x] if token_first else [x, token_embed], dim=-1))
+    E = token_embed.shape[-1]
+    w_x = lin.weight[:, E:] if token_first else lin.weight[:, : lin.in_features - E]
+    return term + F.linear(x, w_x)
+
+
 class ContextUpdater(nn.Module):
     """Base class of the context blocks.
 
@@ -117,24 +134,40 @@ class ContextUpdater(nn.Module):
     embed_dim: int
     layer_dims: list[int]
 
-    def update_context_one_step(self, context: Tensor, token_embed: Tensor,
-                                return_all_layers: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def update_context_one_step(self, context: Tensor, token_embed: Tensor, return_all_layers: bool = False,
+                                token_terms: list[Tensor] | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Apply the update once: ``(..., D), (..., E) -> (..., D)``.
 
         With ``return_all_layers`` also return the list of every layer's output
         (``(..., layer_dims[l])`` each); the last one is the new context.
+        ``token_terms``: this step's slice of :meth:`token_terms` (the token's share of
+        every Linear that sees the token), precomputed for many positions at once by a
+        sequential pass; the result is the same function of (context, token).
         """
         if context.shape[-1] != self.context_dim or token_embed.shape[-1] != self.embed_dim:
             raise ValueError(
                 f"update_context_one_step got context {tuple(context.shape)} and token_embed "
                 f"{tuple(token_embed.shape)}; expected last dims {self.context_dim} and {self.embed_dim}.")
-        layers = self._layers(context, token_embed)
+        layers = self._layers(context, token_embed, token_terms)
         return (layers[-1], layers) if return_all_layers else layers[-1]
 
     def forward(self, context: Tensor, token_embed: Tensor) -> Tensor:
         return self.update_context_one_step(context, token_embed)
 
-    def _layers(self, context: Tensor, token_embed: Tensor) -> list[Tensor]:  # pragma: no cover
+    def token_terms(self, token_embed: Tensor) -> list[Tensor]:
+        """``W_e e + b`` of every Linear that sees the token: ``(..., E) -> [(..., out_k)]``."""
+        return [_token_term(lin, token_embed, first) for lin, first in self._token_linears()]
+
+    def token_terms_width(self) -> int:
+        """Floats per position that :meth:`token_terms` returns (to size blocks of steps)."""
+        return sum(lin.out_features for lin, _ in self._token_linears())
+
+    def _token_linears(self) -> list[tuple[nn.Linear, bool]]:  # pragma: no cover
+        """The Linears whose input contains the token, with ``token_first`` (``[e; x]``)."""
+        raise NotImplementedError
+
+    def _layers(self, context: Tensor, token_embed: Tensor,
+                terms: list[Tensor] | None = None) -> list[Tensor]:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -162,18 +195,34 @@ class ResidualContextBlock(ContextUpdater):
             if isinstance(module, nn.Linear):
                 _init_linear(module, cfg.init_std, cfg.bias_std)
 
-    def _layers(self, context: Tensor, token_embed: Tensor) -> list[Tensor]:
+    def _token_linears(self) -> list[tuple[nn.Linear, bool]]:
+        if self.token_input_all_layers:
+            return [(lin, False) for lin in self.linears]
+        first = [(self.linears[0], False)]
+        if isinstance(self.residuals[0], nn.Linear):
+            first.append((self.residuals[0], False))
+        return first
+
+    def _layers(self, context: Tensor, token_embed: Tensor, terms: list[Tensor] | None = None) -> list[Tensor]:
         outputs = []
         if self.token_input_all_layers:
             x = context
-            for res, lin, norm in zip(self.residuals, self.linears, self.norms):
-                x = norm(res(x) + F.relu(lin(torch.cat([x, token_embed], dim=-1))))
+            for l, (res, lin, norm) in enumerate(zip(self.residuals, self.linears, self.norms)):
+                pre = _split_linear(lin, x, token_embed, None if terms is None else terms[l], token_first=False)
+                x = norm(res(x) + F.relu(pre))
                 outputs.append(x)
-        else:
-            x = torch.cat([context, token_embed], dim=-1)
-            for res, lin, norm in zip(self.residuals, self.linears, self.norms):
+            return outputs
+        for l, (res, lin, norm) in enumerate(zip(self.residuals, self.linears, self.norms)):
+            if l == 0:  # only layer 0 sees the token: its input is [c; e]
+                pre = _split_linear(lin, context, token_embed, None if terms is None else terms[0], False)
+                if isinstance(res, nn.Linear):
+                    skip = _split_linear(res, context, token_embed, None if terms is None else terms[1], False)
+                else:
+                    skip = torch.cat([context, token_embed], dim=-1)
+                x = norm(skip + F.relu(pre))
+            else:
                 x = norm(res(x) + F.relu(lin(x)))
-                outputs.append(x)
+            outputs.append(x)
         return outputs
 
 
@@ -216,10 +265,14 @@ class GatedContextBlock(ContextUpdater):
             if isinstance(module, nn.Linear):
                 _init_linear(module, cfg.init_std, cfg.bias_std)
 
-    def _layers(self, context: Tensor, token_embed: Tensor) -> list[Tensor]:
+    def _token_linears(self) -> list[tuple[nn.Linear, bool]]:
+        return [(fnn[0], True) for fnn in self.fnns]
+
+    def _layers(self, context: Tensor, token_embed: Tensor, terms: list[Tensor] | None = None) -> list[Tensor]:
         outputs = []
-        for fnn, update in zip(self.fnns, self.updates):
-            context = update(fnn(torch.cat([token_embed, context], dim=-1)), context)
+        for l, (fnn, update) in enumerate(zip(self.fnns, self.updates)):
+            h = _split_linear(fnn[0], context, token_embed, None if terms is None else terms[l], token_first=True)
+            context = update(fnn[2:](F.relu(h)), context)  # fnn[1] is the ReLU
             outputs.append(context)
         return outputs
 
@@ -240,8 +293,12 @@ class SimpleContextBlock(ContextUpdater):
             if isinstance(module, nn.Linear):
                 _init_linear(module, cfg.init_std, cfg.bias_std)
 
-    def _layers(self, context: Tensor, token_embed: Tensor) -> list[Tensor]:
-        h = self.fnn(torch.cat([token_embed, context], dim=-1))
+    def _token_linears(self) -> list[tuple[nn.Linear, bool]]:
+        return [(self.fnn[0], True)]
+
+    def _layers(self, context: Tensor, token_embed: Tensor, terms: list[Tensor] | None = None) -> list[Tensor]:
+        h = _split_linear(self.fnn[0], context, token_embed, None if terms is None else terms[0], token_first=True)
+        h = self.fnn[2:](F.relu(h))  # fnn[1] is the ReLU
         return [torch.clamp(self.norm(torch.tanh(self.out(h))), -self.CLAMP, self.CLAMP)]
 
 
