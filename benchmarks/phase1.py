@@ -1,0 +1,170 @@
+"""Phase 1 benchmark on the seed code's reference workload, through the real Phase1FixedPoint.
+
+Workload (DESIGN.md "Reference figures"): 6400 token ids uniform in [0, 50257) with seed 42
+(validation: 1280 more), frozen random 768-dim embedding, ``residual`` updater 6 x 768,
+dist_reg_weight 0.8, noise 0.1, Adam 2e-3, threshold 0.03, min 5 / max 40 iterations.
+
+Modes: ``stream`` (one concatenated sequence, fp32: the seed's numerics), ``samples``
+(50 sequences x 128 tokens, batched sequential pass), ``bf16`` (samples + bf16 autocast).
+Each run is a fresh subprocess (so peak RSS is the run's own); the table reports medians.
+
+    python benchmarks/phase1.py                       # all modes, both token_input_all_layers, 3 runs
+    python benchmarks/phase1.py --modes stream --all-layers true --runs 1
+
+Bounds measured in the same process: ``torch.matmul`` GFLOP/s at the parallel iteration's
+GEMM shape (fp32 and bf16), and read bandwidth (sum of a 512 MB tensor) for the
+sequential step, whose weight bytes per step are what a batch-1 step must read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SEED = {"fp32 stream": {"false": {"iter0_s": 28.0, "total_s": 267.0, "iterations": 40, "iter_s": 7.0},
+                        "true": {"total_s": 16.1, "iterations": 5}}}
+
+
+def one_run(mode: str, all_layers: bool, max_iterations: int) -> dict:
+    import lightning as L
+    import torch
+
+    from cvfp_lightning.callbacks import ConvergenceEarlyStopping
+    from cvfp_lightning.data import SyntheticTokensDataModule
+    from cvfp_lightning.modules import Phase1FixedPoint
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    L.seed_everything(42, verbose=False)
+    samples = mode in ("samples", "bf16")
+    dm = SyntheticTokensDataModule(vocab_size=50257, num_tokens=6400, val_tokens=1280, seed=42,
+                                   sequences="samples" if samples else "stream",
+                                   max_seq_len=128 if samples else None, chunk_size=6400)
+    model = Phase1FixedPoint(vocab_size=50257,
+                             context={"updater": "residual", "context_dim": 768, "num_layers": 6,
+                                      "token_input_all_layers": all_layers},
+                             embedding={"embed_dim": 768, "freeze": True}, dist_reg_weight=0.8, noise_std=0.1,
+                             convergence_threshold=0.03, lr=2e-3)
+    times: list[float] = []
+
+    class Timer(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.t = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            times.append(time.perf_counter() - self.t)
+
+    stop = ConvergenceEarlyStopping(threshold=0.95, min_iterations=5)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=max_iterations, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        precision="bf16-mixed" if mode == "bf16" else "32-true", callbacks=[stop, Timer()])
+    start = time.perf_counter()
+    trainer.fit(model, dm)
+    total = time.perf_counter() - start
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    iterations = len(times)
+    return {"mode": mode, "token_input_all_layers": all_layers, "iter0_s": model._iteration0_seconds,
+            "iter_s_median": statistics.median(times) if times else None, "iterations": iterations,
+            "stopped_early": stop.stopped_at_iteration is not None, "total_s": total, "peak_rss_mb": rss_mb,
+            "train_tokens_per_s": 6400 * iterations / sum(times) if times else None,
+            "seq_tokens_per_s": 6400 / model._iteration0_seconds,
+            "final_rate": float(trainer.callback_metrics["train/convergence_rate"])}
+
+
+def bounds(all_layers: bool) -> dict:
+    """matmul GFLOP/s at the iteration's GEMM shape, bandwidth, and the model's FLOPs/bytes."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    D, E, L, N = 768, 768, 6, 6400
+
+    def gflops(dtype) -> float:
+        a, b = torch.randn(N, D + E, dtype=dtype), torch.randn(D + E, D, dtype=dtype)
+        a @ b
+        best = min(_timed(lambda: a @ b) for _ in range(5))
+        return 2 * N * (D + E) * D / best / 1e9
+
+    x = torch.randn(128 * 1024 * 1024)  # 512 MB
+    x.sum()
+    bw = x.numel() * 4 / min(_timed(x.sum) for _ in range(5)) / 1e9
+    if all_layers:
+        shapes = [(D + E, D)] * L
+        step_weights = [(D, D)] * L
+    else:
+        w = [round(D + E + (D - D - E) * l / L) for l in range(L + 1)]
+        shapes = [(w[l], w[l + 1]) for l in range(L)] + [(D + E, w[1])]  # + layer 0's residual Linear
+        step_weights = [(D, w[1]), (D, w[1])] + [(w[l], w[l + 1]) for l in range(1, L)]
+    fwd_flops_per_token = sum(2 * i * o for i, o in shapes)
+    step_bytes = sum(4 * i * o for i, o in step_weights)
+    return {"matmul_gflops_fp32": gflops(torch.float32), "matmul_gflops_bf16": gflops(torch.bfloat16),
+            "read_bandwidth_gbs": bw, "train_flops_per_iteration": 3 * fwd_flops_per_token * N,
+            "step_weight_bytes": step_bytes, "step_bound_ms": step_bytes / (bw * 1e9) * 1e3}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", default="stream,samples,bf16")
+    parser.add_argument("--all-layers", default="true,false")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--max-iterations", type=int, default=40)
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_run(args.one[0], args.one[1] == "true", args.max_iterations)))
+        return
+    if args.one is None and os.environ.get("BENCH_BOUNDS_ONLY"):
+        print(json.dumps(bounds(True)))
+        return
+    import torch
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JSONARGPARSE_DEPRECATION_WARNINGS": "off"}
+    report = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+              "threads": int(env.get("BENCH_THREADS", "2")), "torch": torch.__version__,
+              "loadavg_start": os.getloadavg(), "results": []}
+    for flag in args.all_layers.split(","):
+        b = bounds(flag == "true")
+        for mode in args.modes.split(","):
+            runs = []
+            for _ in range(args.runs):
+                out = subprocess.run([sys.executable, __file__, "--one", mode, flag, "--max-iterations",
+                                      str(args.max_iterations)], capture_output=True, text=True, env=env)
+                if out.returncode:
+                    raise SystemExit(out.stderr[-3000:])
+                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]
+                   if isinstance(runs[0][k], (int, float)) and not isinstance(runs[0][k], bool)}
+            achieved = b["train_flops_per_iteration"] / med["iter_s_median"] / 1e9
+            bound = b["matmul_gflops_bf16" if mode == "bf16" else "matmul_gflops_fp32"]
+            seq_ms = 1e3 / med["seq_tokens_per_s"] * (50 if mode != "stream" else 1)  # ms per sequential step
+            row = {"mode": mode, "token_input_all_layers": flag == "true", "runs": runs, "median": med,
+                   "iteration_gflops": achieved, "matmul_gflops": bound, "iteration_pct_of_matmul": 100 * achieved / bound,
+                   "seq_step_ms": seq_ms, "seq_step_bound_ms": b["step_bound_ms"], "bounds": b}
+            report["results"].append(row)
+            print(f"{mode:8s} all_layers={flag:5s} iter0 {med['iter0_s']:.2f}s  iter {med['iter_s_median']:.2f}s "
+                  f"x{med['iterations']:.0f}  total {med['total_s']:.1f}s  rss {med['peak_rss_mb']:.0f}MB  "
+                  f"iteration {achieved:.0f} GFLOP/s = {100 * achieved / bound:.0f}% of matmul {bound:.0f}  "
+                  f"seq step {seq_ms:.2f} ms (bound {b['step_bound_ms']:.2f} ms at batch 1)", flush=True)
+    report["loadavg_end"] = os.getloadavg()
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"phase1_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
