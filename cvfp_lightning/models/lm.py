@@ -1,0 +1,123 @@
+"""The CVFP language model: embedding -> frozen context block -> token block -> head.
+
+For position i of a sequence with ids ``x_0 .. x_{T-1}``:
+
+    e_i                 = embedding(x_i)                                   (E,)
+    c_i, [c_i1..c_iL]   = updater.update_context_one_step(c_{i-1}, e_i,
+                                                          return_all_layers=True)   c_{-1} = 0
+    t_i                 = TokenBlock([c_i1 .. c_iL], e_i)                  (E,)
+    logits_i            = head(t_i)                                        (V,) -> predicts x_{i+1}
+
+The context block (the Phase 1 updater) is frozen, so the contexts of a fixed text never
+change during Phase 2: they are computed once (or read from the cache) and position
+batches can be shuffled. The head is a zero-initialised ``Linear(E, V)`` (first loss
+``ln V``) or, with ``weight_tying``, shares its weight tensor with the embedding matrix.
+
+With ``train_embedding`` the embedding trains (and a tied head with it) while the context
+block keeps reading a frozen copy of the Phase 1 embedding (``context_embedding``), so the
+contexts stay those of Phase 1.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from cvfp_lightning.errors import check, check_positive
+from cvfp_lightning.models.context import ContextUpdater
+from cvfp_lightning.models.embedding import TokenEmbedding
+from cvfp_lightning.models.token import TokenBlock
+
+
+class CVFPLanguageModel(nn.Module):
+    """Embedding + frozen context block + token block + head.
+
+    Args:
+        embedding: the token embedding (``vocab_size x E``).
+        updater: the (Phase 1) context block; its parameters are frozen here.
+        weight_tying: the head's weight *is* the embedding matrix (same storage); it then
+            trains only when the embedding does.
+        train_embedding: train the embedding; the context block then reads a frozen copy.
+    """
+
+    def __init__(self, embedding: TokenEmbedding, updater: ContextUpdater, weight_tying: bool = False,
+                 train_embedding: bool = False):
+        super().__init__()
+        check(updater.embed_dim == embedding.embed_dim,
+              f"the context block expects {updater.embed_dim}-dim token embeddings but the embedding has "
+              f"{embedding.embed_dim}.")
+        self.embedding, self.updater = embedding, updater
+        self.updater.requires_grad_(False)
+        self.context_embedding: TokenEmbedding | None = None
+        if train_embedding:
+            self.context_embedding = copy.deepcopy(embedding).requires_grad_(False)
+        self.embedding.embed.weight.requires_grad_(train_embedding)
+        E, V = embedding.embed_dim, embedding.vocab_size
+        self.token_block = TokenBlock(updater.layer_dims, E)
+        self.weight_tying = weight_tying
+        if weight_tying:
+            self.head = nn.Linear(E, V, bias=False)
+            self.head.weight = embedding.embed.weight  # one Parameter, one storage
+        else:
+            self.head = nn.Linear(E, V)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embedding.vocab_size
+
+    def num_trainable_parameters(self) -> int:
+        """Trainable parameters, a tied weight counted once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def context_embed(self, ids: Tensor) -> Tensor:
+        """The embedding the context block reads: ``(...,) -> (..., E)``."""
+        return (self.embedding if self.context_embedding is None else self.context_embedding)(ids)
+
+    def logits(self, context_layers: list[Tensor], token_embed: Tensor) -> Tensor:
+        """``[(..., d_l)] x L, (..., E) -> (..., V)``."""
+        return self.head(self.token_block(context_layers, token_embed))
+
+    def step(self, context: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Read one token: ``context (B, D), ids (B,) -> (new context (B, D), logits (B, V))``."""
+        new_context, layers = self.updater.update_context_one_step(context, self.context_embed(ids),
+                                                                   return_all_layers=True)
+        return new_context, self.logits(layers, self.embedding(ids))
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 greedy: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """Continue ``prompt_ids (T,)`` by ``max_new_tokens`` ids, ``-> (max_new_tokens,)``.
+
+        The context is carried token by token with the update rule of training, from
+        ``c = 0`` through the prompt and then through every generated token. Next id:
+        ``argmax`` with ``greedy``; otherwise a sample of ``softmax(logits / temperature)``
+        restricted to the ``top_k`` most likely ids when ``top_k`` is set.
+        """
+        check(prompt_ids.numel() > 0, "the prompt is empty: give at least one token of text.")
+        check_positive("temperature", temperature)
+        check(top_k is None or top_k > 0, f"top_k={top_k!r} is invalid: expected a positive integer or null.")
+        device = self.embedding.weight.device
+        context = torch.zeros(1, self.updater.context_dim, device=device)
+        logits = None
+        for token in prompt_ids.reshape(-1).tolist():
+            context, logits = self.step(context, torch.tensor([token], device=device))
+        out = []
+        for _ in range(max_new_tokens):
+            scores = logits[0].float()
+            if greedy:
+                nxt = int(scores.argmax())
+            else:
+                scores = scores / temperature
+                if top_k is not None and top_k < scores.numel():
+                    kth = torch.topk(scores, top_k).values[-1]
+                    scores = scores.masked_fill(scores < kth, float("-inf"))
+                probs = torch.softmax(scores, dim=-1)
+                nxt = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+            out.append(nxt)
+            if len(out) < max_new_tokens:
+                context, logits = self.step(context, torch.tensor([nxt], device=device))
+        return torch.tensor(out, dtype=torch.long)

@@ -1,0 +1,48 @@
+"""Phase 2 token block: turns a position's per-layer contexts and its token into a vector.
+
+Per layer ``l = 1..L`` (one per context layer):
+
+    t_0 = e
+    t_l = LN(t_{l-1} + ReLU(W_l [c_l; t_{l-1}] + b_l))
+
+``e (..., E)`` is the token's embedding, ``c_l (..., d_l)`` the output of context layer l
+at the same position (``ContextUpdater.layer_dims``), and every ``t_l`` is ``(..., E)``
+wide, so the output can feed a head tied to the embedding matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cvfp_lightning.errors import check, check_positive
+
+
+class TokenBlock(nn.Module):
+    """``([c_1 .. c_L], e) -> t_L``: contexts ``(..., d_l)`` each, ``e (..., E)`` -> ``(..., E)``.
+
+    Args:
+        context_dims: ``[d_1, ..., d_L]``, the widths of the context layers.
+        embed_dim: E, the width of the token embedding and of every ``t_l``.
+    """
+
+    def __init__(self, context_dims: list[int], embed_dim: int):
+        super().__init__()
+        check(len(context_dims) > 0, "the token block needs at least one context layer.")
+        check_positive("embed_dim", embed_dim)
+        self.context_dims, self.embed_dim = list(context_dims), embed_dim
+        self.linears = nn.ModuleList([nn.Linear(d + embed_dim, embed_dim) for d in context_dims])
+        self.norms = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in context_dims])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.linears)
+
+    def forward(self, contexts: list[Tensor], token_embed: Tensor) -> Tensor:
+        if len(contexts) != self.num_layers:
+            raise ValueError(f"TokenBlock got {len(contexts)} context layers, expected {self.num_layers}.")
+        t = token_embed  # (..., E)
+        for c, lin, norm in zip(contexts, self.linears, self.norms):
+            t = norm(t + F.relu(lin(torch.cat([c.to(t.dtype), t], dim=-1))))  # (..., E)
+        return t

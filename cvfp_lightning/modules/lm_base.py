@@ -1,0 +1,188 @@
+"""``NextTokenModule``: what every next-token LightningModule shares (Phase 2, baselines).
+
+One objective, one set of metrics, so CVFP and the baselines are compared on equal terms:
+
+- loss: cross-entropy of the next id, ``nll_sum / count`` over the predicted positions
+  (targets -100 do not count);
+- ``{split}/loss`` (nats per token), ``{split}/ppl = exp(loss)``, ``{split}/acc`` (top-1),
+  ``{split}/bpb = sum CE / (ln 2 * UTF-8 bytes of the split's text)`` for ``val`` and
+  ``test`` (torchmetrics sums, so DDP gives the same values as one process);
+  ``train/loss`` per step, ``train/ppl`` and ``train/acc`` per epoch; ``time/epoch_s``;
+- Adam (``lr``) on the trainable parameters, gradient norm clipped to ``grad_clip``;
+- the best weights: when fit ends the weights of the best checkpoint (the
+  ``ModelCheckpoint`` monitor, ``val/loss`` in the shipped configs) are loaded back, and
+  ``summary.json`` in the log folder records the metrics of that epoch;
+- ``cvfp test`` / ``predict`` / ``validate`` need trained weights: ``--ckpt_path
+  <run>/checkpoints/best.ckpt``; without one they stop with a clear error.
+
+Subclasses set ``data_layout`` and implement :meth:`logits_targets`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from cvfp_lightning.errors import CVFPUserError, check
+from cvfp_lightning.io import atomic_write_json, safe_torch_load
+from cvfp_lightning.metrics import NextTokenMetric, next_token_stats
+
+SPLIT_OUTPUTS = {"train": ("ppl", "acc"), "val": NextTokenMetric.OUTPUTS, "test": NextTokenMetric.OUTPUTS}
+
+
+class NextTokenModule(L.LightningModule):
+    """Base class of next-token language models (see the module docstring).
+
+    Subclasses call ``save_hyperparameters`` with ``lr`` and ``grad_clip`` among them.
+    """
+
+    data_layout = "positions"
+
+    def __init__(self):
+        super().__init__()
+        self.train_lm = nn.ModuleDict({o: NextTokenMetric(o) for o in SPLIT_OUTPUTS["train"]})
+        self.val_lm = nn.ModuleDict({o: NextTokenMetric(o) for o in SPLIT_OUTPUTS["val"]})
+        self.test_lm = nn.ModuleDict({o: NextTokenMetric(o) for o in SPLIT_OUTPUTS["test"]})
+        self.history: list[dict[str, float]] = []
+        self.epoch_seconds: list[float] = []
+        self.summary: dict = {}
+        self._epoch_start = 0.0
+        self._has_weights = False  # trained in this process or loaded from a checkpoint
+
+    # ---- for subclasses ------------------------------------------------------------------
+    def logits_targets(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
+        """``(logits (..., V), targets (...))`` of a batch of ``split`` (train, val or test)."""
+        raise NotImplementedError
+
+    def summary_extra(self) -> dict:
+        """More entries for ``summary.json``."""
+        return {}
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ---- steps -----------------------------------------------------------------------------
+    def _num_bytes(self, split: str) -> int:
+        seqs = getattr(getattr(self.trainer, "datamodule", None), f"{'train' if split == 'train' else 'val'}_sequences",
+                       None)
+        return int(getattr(seqs, "num_bytes", 0) or 0)
+
+    def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+        logits, targets = self.logits_targets(batch, split)
+        nll_sum, correct, count = next_token_stats(logits, targets)
+        metrics = getattr(self, f"{split}_lm")
+        for name, metric in metrics.items():
+            metric.update(nll_sum, correct, count)
+            if split != "train":
+                self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in ("loss", "ppl"))
+        return nll_sum / count.clamp_min(1)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self._step(batch, "train")
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        for name, metric in self.train_lm.items():
+            self.log(f"train/{name}", metric, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        check(len(params) > 0, f"{type(self).__name__} has no trainable parameters.")
+        return torch.optim.Adam(params, lr=self.hparams.lr)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
+        if clip and clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=clip,
+                                gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        rank_zero_info(f"{type(self).__name__}: {self.num_trainable_parameters():,} trainable parameters")
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        seconds = time.perf_counter() - self._epoch_start  # training and the epoch's validation
+        self.epoch_seconds.append(seconds)
+        self.log("time/epoch_s", seconds, on_step=False, on_epoch=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_lm["bpb"].num_bytes = self._num_bytes("val")
+        if self.trainer.state.fn == "validate":
+            self._require_weights("validate")
+
+    def on_validation_end(self) -> None:
+        if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
+            return
+        record = {"epoch": int(self.current_epoch)}
+        for key, value in self.trainer.callback_metrics.items():
+            if key.startswith("val/"):
+                record[key] = float(value)
+        self.history.append(record)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_lm["bpb"].num_bytes = self._num_bytes("test")
+        self._require_weights("test")
+
+    def on_predict_start(self) -> None:
+        self._require_weights("predict")
+
+    def _require_weights(self, what: str) -> None:
+        if not self._has_weights:
+            raise CVFPUserError(f"cvfp {what} needs trained weights: pass --ckpt_path with the best checkpoint of a "
+                                "fit run, e.g. lightning_logs/<name>/version_N/checkpoints/best.ckpt.")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._has_weights = True
+
+    def on_fit_end(self) -> None:
+        self._has_weights = True
+        best_path, best_epoch = self._restore_best()
+        self.summary = self._summary(best_path, best_epoch)
+        log_dir = self.trainer.log_dir if self.trainer.loggers else None  # no logger: no files
+        if self.trainer.is_global_zero and log_dir:
+            atomic_write_json(self.summary, Path(log_dir) / "summary.json")
+            shown = {k: round(v, 4) for k, v in self.summary.items()
+                     if k.startswith("val/") and isinstance(v, float)}
+            rank_zero_info(f"{type(self).__name__}: best epoch {best_epoch}: {shown} "
+                           f"(summary: {Path(log_dir) / 'summary.json'})")
+
+    def _restore_best(self) -> tuple[str | None, int | None]:
+        """Load the best checkpoint's weights back into the module (all ranks)."""
+        ckpt = self.trainer.checkpoint_callback
+        monitor = getattr(ckpt, "monitor", None)
+        path = getattr(ckpt, "best_model_path", "") if monitor else ""
+        if path and Path(path).is_file():
+            state = safe_torch_load(path)
+            self.load_state_dict(state["state_dict"])
+            rank_zero_info(f"{type(self).__name__}: restored the best weights ({monitor} = "
+                           f"{float(ckpt.best_model_score):.4f}) from {path}")
+            return path, int(state.get("epoch", -1))
+        if self.history:  # no monitored checkpoint: the best epoch is still reported
+            return None, min(self.history, key=lambda r: r.get("val/loss", float("inf")))["epoch"]
+        return None, None
+
+    def _summary(self, best_path: str | None, best_epoch: int | None) -> dict:
+        best = next((r for r in self.history if r["epoch"] == best_epoch), {})
+        dm = getattr(self.trainer, "datamodule", None)
+        out = {"model": type(self).__name__, "best_epoch": best_epoch, "best_model_path": best_path,
+               "epochs_run": len(self.epoch_seconds), "trainable_params": self.num_trainable_parameters(),
+               "median_epoch_s": statistics.median(self.epoch_seconds) if self.epoch_seconds else None,
+               "train_tokens": getattr(getattr(dm, "train_sequences", None), "num_tokens", None),
+               "val_tokens": getattr(getattr(dm, "val_sequences", None), "num_tokens", None)}
+        out.update({k: v for k, v in best.items() if k != "epoch"})
+        out.update(self.summary_extra())
+        return out

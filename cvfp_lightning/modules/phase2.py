@@ -1,0 +1,314 @@
+"""Phase 2: next-token prediction on top of a frozen Phase 1 context block.
+
+``Phase2LM`` loads the embedding and the context block from a Phase 1 Lightning
+checkpoint (built from its hyperparameters, then its ``state_dict``), freezes the
+context block and trains a token block and a head
+(:class:`~cvfp_lightning.models.lm.CVFPLanguageModel`):
+
+    t_0 = e_i,   t_l = LN(t_{l-1} + ReLU(W_l [c_il; t_{l-1}] + b_l)),   logits_i = head(t_L)
+
+with ``c_il`` the output of context layer l after reading token i, and cross-entropy
+against id i+1. Since the context block is frozen, every position's contexts are fixed:
+they come from the context cache (:mod:`cvfp_lightning.cache`: "cache hit") or one
+sequential pass, and training draws shuffled batches of positions (``data_layout =
+"positions"``, batch size ``data.chunk_size``).
+
+Metrics, optimiser and best-weight handling: :class:`~cvfp_lightning.modules.lm_base.NextTokenModule`.
+Generation (``cvfp predict``): every prompt is read token by token with the update rule
+of training, then ``max_new_tokens`` ids are generated (greedy, or temperature and
+top-k sampling); the continuations are printed and written to
+``generations.jsonl`` in the run's log folder.
+
+Only training options are saved as hyperparameters; where the Phase 1 checkpoint lies,
+the cache settings and the generation options may change between fit, test and predict.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from cvfp_lightning.cache import (
+    CACHE_FILENAME,
+    CACHE_MODES,
+    cache_components,
+    compute_context_cache,
+    contexts_config,
+    resolve_context_cache,
+    weights_digest,
+)
+from cvfp_lightning.errors import CVFPUserError, check, check_positive
+from cvfp_lightning.io import atomic_write_text, safe_torch_load
+from cvfp_lightning.models.context import build_context_updater
+from cvfp_lightning.models.embedding import build_embedding
+from cvfp_lightning.models.lm import CVFPLanguageModel
+from cvfp_lightning.modules.lm_base import NextTokenModule
+
+STATE_KEY = "cvfp_phase2"
+SPLIT_OF = {"train": "train", "val": "val", "test": "val"}  # the data module tests on the validation split
+
+
+def resolve_checkpoint_path(path: str | None) -> Path:
+    """``path``, or the newest file matching it when it is a glob pattern."""
+    check(bool(path), "model.phase1_checkpoint is not set: give the Phase 1 checkpoint, e.g. "
+                      "--model.phase1_checkpoint lightning_logs/phase1/version_0/checkpoints/last.ckpt "
+                      "(run cvfp fit --config configs/phase1.yaml first).")
+    expanded = os.path.expanduser(str(path))
+    if any(ch in expanded for ch in "*?["):
+        matches = [m for m in glob.glob(expanded) if os.path.isfile(m)]
+        check(bool(matches), f"model.phase1_checkpoint={path!r} matches no file: run Phase 1 first "
+                             "(cvfp fit --config configs/phase1.yaml) or give the checkpoint's path.")
+        return Path(max(matches, key=os.path.getmtime))
+    check(os.path.isfile(expanded), f"model.phase1_checkpoint={path!r} does not exist: run Phase 1 first "
+                                    "(cvfp fit --config configs/phase1.yaml) or give the path of its last.ckpt.")
+    return Path(expanded)
+
+
+def load_phase1(path: Path, vocab_size: int = 0):
+    """Embedding and context block of a Phase 1 checkpoint: ``(embedding, updater, hparams)``.
+
+    Built from the checkpoint's hyperparameters without fetching a pretrained embedding
+    (the weights are in the checkpoint), then loaded from its ``state_dict``.
+    ``vocab_size`` (when > 0) must equal the checkpoint's.
+    """
+    ckpt = safe_torch_load(path)
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    is_phase1 = (isinstance(hp, dict) and isinstance(state, dict) and {"vocab_size", "context", "embedding"} <= set(hp)
+                 and any(k.startswith("updater.") for k in state) and "embedding.embed.weight" in state)
+    check(is_phase1, f"model.phase1_checkpoint={str(path)!r} is not a Phase 1 checkpoint (no context block and "
+                     "embedding in it): give a checkpoint written by cvfp fit with Phase1FixedPoint.")
+    check(vocab_size <= 0 or int(hp["vocab_size"]) == vocab_size,
+          f"model.phase1_checkpoint={str(path)!r} was trained with a vocabulary of {hp['vocab_size']} ids but the data's "
+          f"tokenizer has {vocab_size}: use the tokenizer (data settings) of that Phase 1 run.")
+    try:
+        embedding = build_embedding(int(hp["vocab_size"]), hp["embedding"],
+                                    default_dim=int(hp["context"]["context_dim"]), load_pretrained=False)
+        updater = build_context_updater(hp["context"], embedding.embed_dim)
+        embedding.load_state_dict({k[len("embedding."):]: v for k, v in state.items() if k.startswith("embedding.")})
+        updater.load_state_dict({k[len("updater."):]: v for k, v in state.items() if k.startswith("updater.")})
+    except (RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0][:300]
+        raise CVFPUserError(f"model.phase1_checkpoint={str(path)!r}: its weights do not fit its own hyperparameters "
+                            f"({first}); the file is damaged or was edited: use another checkpoint.") from exc
+    return embedding, updater, hp
+
+
+class Phase2LM(NextTokenModule):
+    """Phase 2 CVFP language model (see the module docstring).
+
+    Args:
+        vocab_size: number of ids (linked from ``data.vocab_size``); must equal Phase 1's.
+        phase1_checkpoint: the Phase 1 ``.ckpt`` (a glob pattern picks the newest match).
+        weight_tying: the head is the embedding matrix (shared storage) instead of a
+            zero-initialised ``Linear(E, V)``.
+        freeze_embedding: keep the embedding fixed (the seeds' setting with GPT-2 ``wte``).
+        lr: Adam learning rate.
+        grad_clip: max gradient norm (0 disables).
+        cache: ``auto`` | ``require`` | ``off`` (see :mod:`cvfp_lightning.cache`).
+        cache_path: cache file; default ``context_cache.pt`` next to ``phase1_checkpoint``.
+        seq_batch_size: sequences per batch of the sequential pass.
+        prompts: generation prompts (``cvfp predict``).
+        prompt_file: a UTF-8 file with one prompt per non-empty line.
+        max_new_tokens: ids generated per prompt.
+        temperature: softmax temperature (> 0) of sampling.
+        top_k: sample among the k most likely ids (null: all).
+        greedy: take the most likely id instead of sampling.
+    """
+
+    data_layout = "positions"
+
+    def __init__(self, vocab_size: int = 0, phase1_checkpoint: str | None = None, weight_tying: bool = False,
+                 freeze_embedding: bool = True, lr: float = 1e-3, grad_clip: float = 1.0,
+                 cache: Literal["auto", "require", "off"] = "auto", cache_path: str | None = None,
+                 seq_batch_size: int = 256, prompts: list[str] | str | None = None, prompt_file: str | None = None,
+                 max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
+                 greedy: bool = False):
+        super().__init__()
+        check(cache in CACHE_MODES, f"model.cache={cache!r} is unknown: expected one of {', '.join(CACHE_MODES)}.")
+        check_positive("model.lr", lr)
+        check_positive("model.grad_clip", grad_clip, allow_zero=True)
+        check_positive("model.seq_batch_size", seq_batch_size)
+        self.prompts = self._check_generation(prompts, prompt_file, max_new_tokens, temperature, top_k)
+        self.max_new_tokens, self.temperature, self.top_k, self.greedy = max_new_tokens, temperature, top_k, greedy
+        self.cache_mode, self.cache_path, self.seq_batch_size = cache, cache_path, seq_batch_size
+
+        self.phase1_path = resolve_checkpoint_path(phase1_checkpoint)
+        embedding, updater, p1 = load_phase1(self.phase1_path, vocab_size)
+        self.phase1_hparams = p1
+        self.lm = CVFPLanguageModel(embedding, updater, weight_tying=weight_tying, train_embedding=not freeze_embedding)
+        self.save_hyperparameters({"vocab_size": int(p1["vocab_size"]), "weight_tying": weight_tying,
+                                   "freeze_embedding": freeze_embedding, "lr": lr, "grad_clip": grad_clip})
+        self._contexts: dict[str, list[Tensor]] = {}
+        self._embed_table: Tensor | None = None
+        self._contexts_for: tuple | None = None
+        self.context_status = ""
+        self.context_seconds = 0.0
+        self._generations: list[dict] = []
+
+    # ---- options -----------------------------------------------------------------------------
+    @staticmethod
+    def _check_generation(prompts, prompt_file, max_new_tokens, temperature, top_k) -> list[str]:
+        check(isinstance(temperature, (int, float)) and temperature > 0,
+              f"model.temperature={temperature!r} is invalid: expected a number > 0 (use model.greedy: true for "
+              "the most likely token).")
+        check(isinstance(max_new_tokens, int) and max_new_tokens > 0,
+              f"model.max_new_tokens={max_new_tokens!r} is invalid: expected a positive integer.")
+        check(top_k is None or (isinstance(top_k, int) and top_k > 0),
+              f"model.top_k={top_k!r} is invalid: expected a positive integer or null (all ids).")
+        out = [prompts] if isinstance(prompts, str) else list(prompts or [])
+        for k, p in enumerate(out):
+            check(isinstance(p, str) and p.strip() != "",
+                  f"model.prompts[{k}]={p!r} is empty: give some text to continue.")
+        if prompt_file:
+            path = Path(prompt_file).expanduser()
+            check(path.is_file(), f"model.prompt_file={prompt_file!r} does not exist: give a UTF-8 text file with "
+                                  "one prompt per line.")
+            try:
+                lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            except UnicodeDecodeError as exc:
+                raise CVFPUserError(f"model.prompt_file={prompt_file!r} is not UTF-8 text ({exc.reason}).") from None
+            check(len(lines) > 0, f"model.prompt_file={prompt_file!r} holds no prompt (only empty lines): "
+                                  "write one prompt per line.")
+            out += lines
+        return out
+
+    def _cache_file(self) -> Path:
+        return Path(self.cache_path) if self.cache_path else self.phase1_path.parent / CACHE_FILENAME
+
+    # ---- contexts ----------------------------------------------------------------------------
+    def _ensure_contexts(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or getattr(dm, "train_sequences", None) is None:
+            if dm is not None and hasattr(dm, "setup"):
+                dm.setup("fit")
+            if getattr(dm, "train_sequences", None) is None:
+                raise CVFPUserError("Phase2LM needs a TokenDataModule (data: class_path: "
+                                    "cvfp_lightning.data.TextDataModule or similar) that provides train/val sequences.")
+        key = (id(dm.train_sequences), id(dm.val_sequences))
+        if self._contexts_for == key:
+            return
+        lm, p1 = self.lm, self.phase1_hparams
+        ctx_embedding = lm.embedding if lm.context_embedding is None else lm.context_embedding
+        components = cache_components(ctx_embedding, lm.updater, dm,
+                                      contexts_config(p1["vocab_size"], p1["context"], p1["embedding"]))
+        strategy, world = self.trainer.strategy, self.trainer.world_size
+
+        def build():
+            return compute_context_cache(lm.updater, ctx_embedding, dm.train_sequences, dm.val_sequences, components,
+                                         self.seq_batch_size, rank=self.global_rank, world_size=world,
+                                         reduce=lambda t: strategy.reduce(t, reduce_op="sum"))
+
+        cache, message = resolve_context_cache(
+            self._cache_file(), self.cache_mode, components, lm.updater.layer_dims,
+            {"train": dm.train_sequences.num_tokens, "val": dm.val_sequences.num_tokens}, build,
+            write=self.trainer.is_global_zero)
+        if world > 1:
+            strategy.barrier("Phase2LM contexts")
+        self._contexts = cache.layers
+        self._embed_table = cache.embeddings
+        self._contexts_for = key
+        self.context_status, self.context_seconds = message, cache.seconds
+        rank_zero_info(f"Phase2LM: {message}")
+        for logger in self.loggers:
+            logger.log_metrics({"time/contexts_s": cache.seconds}, step=self.global_step)
+
+    def on_fit_start(self) -> None:
+        self._ensure_contexts()
+
+    def on_validation_start(self) -> None:
+        self._ensure_contexts()
+
+    def on_test_start(self) -> None:
+        self._ensure_contexts()
+
+    # ---- the model ---------------------------------------------------------------------------
+    def forward(self, context: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """One token: ``context (B, D), ids (B,) -> (new context (B, D), logits (B, V))``."""
+        return self.lm.step(context, ids)
+
+    def logits_targets(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
+        layers = self._contexts.get(SPLIT_OF[split])
+        if layers is None:
+            raise RuntimeError("Phase2LM: contexts were not prepared (on_fit_start / on_validation_start).")
+        pos = batch["positions"].cpu()
+        context_layers = [layer[pos].to(self.device, non_blocking=True) for layer in layers]  # [(n, d_l)]
+        if self.lm.context_embedding is None and self._embed_table is not None:  # frozen: the cached embeddings
+            embeds = self._embed_table[batch["ids"].cpu()].to(self.device, non_blocking=True)  # (n, E)
+        else:
+            embeds = self.lm.embedding(batch["ids"])  # (n, E)
+        return self.lm.logits(context_layers, embeds), batch["targets"]  # (n, V), (n,)
+
+    def num_trainable_parameters(self) -> int:
+        return self.lm.num_trainable_parameters()
+
+    def summary_extra(self) -> dict:
+        return {"phase1_checkpoint": str(self.phase1_path), "contexts": self.context_status,
+                "contexts_s": self.context_seconds}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[STATE_KEY] = {"phase1_checkpoint": str(self.phase1_path),
+                                 "phase1_weights": weights_digest(self.lm.updater)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(set(own) & set(state)) if tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            detail = "; ".join(shapes[:4] + [f"missing {missing[:4]}"] * bool(missing)
+                               + [f"unexpected {unexpected[:4]}"] * bool(unexpected))
+            raise CVFPUserError(f"the checkpoint does not fit this Phase 2 model built from {str(self.phase1_path)!r} "
+                                f"(a Phase 1 model of another shape, or other weight_tying/freeze_embedding): {detail}. "
+                                "Use the phase1_checkpoint and settings of the run that wrote it.")
+        self._contexts_for = None  # weights may have changed: contexts are checked again
+
+    # ---- generation ----------------------------------------------------------------------------
+    def prompt_dataloader(self, tokenizer) -> DataLoader:
+        """One item per prompt: ``{"prompt": str, "ids": (T,) int64}`` (used by ``cvfp predict``)."""
+        check(tokenizer is not None, "generation needs a tokenizer: use a text data module (data.tokenizer).")
+        check(len(self.prompts) > 0, "cvfp predict has no prompt: pass --model.prompts '[\"Some text\"]' or "
+                                     "--model.prompt_file prompts.txt (one prompt per line).")
+        items = []
+        for k, prompt in enumerate(self.prompts):
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            check(len(ids) > 0, f"prompt {k} ({prompt!r}) gives no tokens: give some text to continue.")
+            items.append({"prompt": prompt, "ids": torch.tensor(ids, dtype=torch.long)})
+        return DataLoader(items, batch_size=None, shuffle=False)
+
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        self._generations = []
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        new_ids = self.lm.generate(batch["ids"], self.max_new_tokens, self.temperature, self.top_k, self.greedy)
+        continuation = tokenizer.decode(new_ids.tolist(), clean_up_tokenization_spaces=False)
+        out = {"prompt": batch["prompt"], "continuation": continuation, "new_tokens": int(new_ids.numel()),
+               "ids": new_ids.tolist()}
+        self._generations.append(out)
+        return out
+
+    def on_predict_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        for g in self._generations:
+            print(f"--- prompt: {g['prompt']!r} ({g['new_tokens']} new tokens)\n{g['prompt']}{g['continuation']}\n",
+                  flush=True)
+        log_dir = self.trainer.log_dir if self.trainer.loggers else None  # no logger: no files
+        if log_dir:
+            path = Path(log_dir) / "generations.jsonl"
+            atomic_write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in self._generations), path)
+            rank_zero_info(f"Phase2LM: {len(self._generations)} continuations written to {path}")

@@ -1,0 +1,279 @@
+"""Phase 2: token block, head, loading Phase 1, pretrained embeddings, generation, bad input,
+and Phase 1 -> Phase 2 -> test -> predict through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import CONFIGS, run_cli
+from cvfp_lightning import CVFPUserError
+from cvfp_lightning.models import CVFPLanguageModel, TokenBlock, build_context_updater, build_embedding
+from cvfp_lightning.modules import Phase1FixedPoint, Phase2LM
+from lm_helpers import SMALL_CONTEXT, phase1_checkpoint, unigram_ppl
+
+V = 4096  # the bundled tokenizer
+
+
+def small_lm(vocab=50, dim=8, layers=2, tying=False, train_embedding=False, all_layers=True) -> CVFPLanguageModel:
+    torch.manual_seed(0)
+    emb = build_embedding(vocab, {"embed_dim": dim}, default_dim=dim)
+    upd = build_context_updater({"context_dim": dim, "num_layers": layers, "token_input_all_layers": all_layers}, dim)
+    return CVFPLanguageModel(emb, upd, weight_tying=tying, train_embedding=train_embedding)
+
+
+# ---- token block and head ---------------------------------------------------------------------
+def test_token_block_shapes_and_formula():
+    block = TokenBlock([12, 10, 8], embed_dim=6)
+    contexts = [torch.randn(4, 5, d) for d in (12, 10, 8)]
+    e = torch.randn(4, 5, 6)
+    assert block(contexts, e).shape == (4, 5, 6)
+    t = e
+    for c, lin, norm in zip(contexts, block.linears, block.norms):  # t_l = LN(t_{l-1} + ReLU(W[c_l; t_{l-1}] + b))
+        t = F.layer_norm(t + F.relu(F.linear(torch.cat([c, t], -1), lin.weight, lin.bias)), (6,), norm.weight,
+                         norm.bias)
+    torch.testing.assert_close(block(contexts, e), t)
+    with pytest.raises(ValueError):
+        block(contexts[:2], e)
+
+
+def test_token_block_follows_the_context_layer_widths():
+    lm = small_lm(dim=8, layers=3, all_layers=False)  # widths shrink 16 -> ... -> 8
+    assert lm.token_block.context_dims == lm.updater.layer_dims
+    assert lm.token_block.num_layers == 3
+
+
+def test_zero_initialised_head_gives_first_loss_ln_vocab():
+    lm = small_lm(vocab=50)
+    ids = torch.randint(0, 50, (2, 7))
+    e = lm.embedding(ids)
+    _, layers = lm.updater.update_context_one_step(torch.zeros(2, 7, 8), e, return_all_layers=True)
+    logits = lm.logits(layers, e)
+    loss = F.cross_entropy(logits.reshape(-1, 50), torch.randint(0, 50, (14,)))
+    assert loss.item() == pytest.approx(math.log(50), abs=1e-6)
+
+
+def test_tied_head_shares_storage_and_trains_with_the_embedding():
+    lm = small_lm(tying=True, train_embedding=True)
+    assert lm.head.weight is lm.embedding.embed.weight
+    assert lm.head.weight.data_ptr() == lm.embedding.weight.data_ptr()
+    before = lm.embedding.weight.detach().clone()
+    ctx_before = lm.context_embedding.weight.detach().clone()
+    opt = torch.optim.SGD([p for p in lm.parameters() if p.requires_grad], lr=0.1)
+    _, logits = lm.step(torch.zeros(3, 8), torch.tensor([1, 2, 3]))
+    F.cross_entropy(logits, torch.tensor([4, 5, 6])).backward()
+    opt.step()
+    assert not torch.equal(lm.embedding.weight, before)
+    assert lm.head.weight.data_ptr() == lm.embedding.weight.data_ptr()  # still one tensor
+    torch.testing.assert_close(lm.context_embedding.weight, ctx_before)  # contexts keep Phase 1's embedding
+    # counted once, and a frozen tied head has nothing trainable
+    assert lm.num_trainable_parameters() == lm.embedding.weight.numel() + sum(
+        p.numel() for p in lm.token_block.parameters())
+    frozen = small_lm(tying=True)
+    assert frozen.num_trainable_parameters() == sum(p.numel() for p in frozen.token_block.parameters())
+
+
+def test_generation_carries_the_context_with_the_update_rule(monkeypatch):
+    lm = small_lm(vocab=30)
+    calls = []
+    original = type(lm.updater).update_context_one_step
+
+    def spy(self, context, token_embed, return_all_layers=False):
+        calls.append(context.shape)
+        return original(self, context, token_embed, return_all_layers)
+
+    monkeypatch.setattr(type(lm.updater), "update_context_one_step", spy)
+    torch.nn.init.normal_(lm.head.weight)
+    prompt = torch.tensor([3, 7, 9])
+    out = lm.generate(prompt, max_new_tokens=5, greedy=True)
+    assert out.shape == (5,) and len(calls) == 3 + 5 - 1
+    # the same by hand: read the prompt, then feed back the argmax
+    c, ids = torch.zeros(1, 8), prompt.tolist()
+    for t in ids:
+        c, logits = lm.step(c, torch.tensor([t]))
+    expected = []
+    for _ in range(5):
+        expected.append(int(logits.argmax()))
+        c, logits = lm.step(c, torch.tensor([expected[-1]]))
+    assert out.tolist() == expected
+    sampled = lm.generate(prompt, max_new_tokens=4, temperature=0.7, top_k=3)
+    assert sampled.shape == (4,)
+
+
+# ---- loading Phase 1 --------------------------------------------------------------------------
+def test_phase2_loads_and_freezes_the_phase1_weights(tmp_path):
+    ckpt = phase1_checkpoint(tmp_path / "p1" / "last.ckpt", V)
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    model = Phase2LM(vocab_size=V, phase1_checkpoint=str(ckpt))
+    for name, value in model.lm.updater.state_dict().items():
+        torch.testing.assert_close(value, state[f"updater.{name}"])
+    torch.testing.assert_close(model.lm.embedding.weight, state["embedding.embed.weight"])
+    assert not any(p.requires_grad for p in model.lm.updater.parameters())
+    assert not model.lm.embedding.weight.requires_grad
+    assert model.lm.token_block.context_dims == [16, 16]
+    assert set(model.hparams) == {"vocab_size", "weight_tying", "freeze_embedding", "lr", "grad_clip"}
+
+
+def test_phase1_checkpoint_glob_picks_the_newest(tmp_path):
+    old = phase1_checkpoint(tmp_path / "version_0" / "last.ckpt", V, seed=1)
+    new = phase1_checkpoint(tmp_path / "version_1" / "last.ckpt", V, seed=2)
+    os.utime(old, (time.time() - 100, time.time() - 100))
+    model = Phase2LM(vocab_size=V, phase1_checkpoint=str(tmp_path / "version_*" / "last.ckpt"))
+    assert model.phase1_path == new
+
+
+def test_pretrained_gpt2_embedding_through_phase1_and_phase2(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    from cvfp_lightning.data import load_tokenizer
+
+    folder = tmp_path / "tiny-gpt2"
+    tok = load_tokenizer(None)
+    tok.save_pretrained(folder)
+    gpt2 = GPT2Model(GPT2Config(vocab_size=len(tok), n_embd=24, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+    gpt2.save_pretrained(folder)
+    wte = gpt2.wte.weight.detach()
+    p1 = Phase1FixedPoint(vocab_size=len(tok), context=SMALL_CONTEXT, embedding={"pretrained": str(folder)})
+    torch.testing.assert_close(p1.embedding.weight, wte)
+    assert p1.hparams["embedding"]["embed_dim"] == 24
+    ckpt = tmp_path / "p1.ckpt"
+    torch.save({"state_dict": p1.state_dict(), "hyper_parameters": dict(p1.hparams)}, ckpt)
+    p2 = Phase2LM(vocab_size=len(tok), phase1_checkpoint=str(ckpt), weight_tying=True)
+    torch.testing.assert_close(p2.lm.embedding.weight, wte)  # from the checkpoint, no second hub load
+    assert p2.lm.head.weight is p2.lm.embedding.embed.weight
+    # a tokenizer whose vocabulary differs from the pretrained model's
+    with pytest.raises(CVFPUserError, match="vocabulary of 4096 tokens but the tokenizer has 4000"):
+        Phase1FixedPoint(vocab_size=4000, context=SMALL_CONTEXT, embedding={"pretrained": str(folder)})
+    with pytest.raises(CVFPUserError, match="could not be loaded"):
+        Phase1FixedPoint(vocab_size=V, context=SMALL_CONTEXT, embedding={"pretrained": str(tmp_path / "nothing")})
+
+
+# ---- bad input --------------------------------------------------------------------------------
+def _bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
+    good = phase1_checkpoint(tmp_path / "good.ckpt", V)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"net.weight": torch.zeros(2)}, "hyper_parameters": {"arch": "gru"}}, foreign)
+    damaged = tmp_path / "damaged.ckpt"
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["state_dict"]["updater.linears.0.weight"] = torch.zeros(3, 3)
+    torch.save(ckpt, damaged)
+    return {"good": good, "garbage": garbage, "foreign": foreign, "damaged": damaged}
+
+
+@pytest.mark.parametrize("case, kwargs, message", [
+    ("missing", {"phase1_checkpoint": "{tmp}/nope.ckpt"}, "does not exist: run Phase 1 first"),
+    ("unset", {"phase1_checkpoint": None}, "phase1_checkpoint is not set"),
+    ("glob-none", {"phase1_checkpoint": "{tmp}/v_*/last.ckpt"}, "matches no file"),
+    ("garbage", {"phase1_checkpoint": "{garbage}"}, "not a readable cvfp_lightning file"),
+    ("foreign", {"phase1_checkpoint": "{foreign}"}, "is not a Phase 1 checkpoint"),
+    ("damaged", {"phase1_checkpoint": "{damaged}"}, "do not fit its own hyperparameters"),
+    ("vocab", {"phase1_checkpoint": "{good}", "vocab_size": 50257}, "vocabulary of 4096 ids but the data's"),
+    ("empty-prompt", {"prompts": [""]}, r"prompts\[0\]='' is empty"),
+    ("blank-prompt", {"prompts": ["ok", "   "]}, r"prompts\[1\]='   ' is empty"),
+    ("temperature-0", {"temperature": 0.0}, "temperature=0.0 is invalid"),
+    ("temperature-neg", {"temperature": -1.0}, "temperature=-1.0 is invalid"),
+    ("top-k", {"top_k": 0}, "top_k=0 is invalid"),
+    ("max-new", {"max_new_tokens": 0}, "max_new_tokens=0 is invalid"),
+    ("prompt-file", {"prompt_file": "{tmp}/prompts.txt"}, "prompt_file=.* does not exist"),
+    ("prompt-file-empty", {"prompt_file": "{empty}"}, "holds no prompt"),
+    ("cache-mode", {"cache": "sometimes"}, "model.cache='sometimes' is unknown"),
+])
+def test_bad_input_is_one_clear_error(tmp_path, case, kwargs, message):
+    paths = {k: str(v) for k, v in _bad_checkpoints(tmp_path).items()}
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    fmt = {"tmp": str(tmp_path), "empty": str(empty), **paths}
+    args = {"vocab_size": V, "phase1_checkpoint": paths["good"]}
+    args.update({k: v.format(**fmt) if isinstance(v, str) else v for k, v in kwargs.items()})
+    with pytest.raises(CVFPUserError, match=message) as info:
+        Phase2LM(**args)
+    assert "\n" not in str(info.value)
+
+
+def test_a_phase2_checkpoint_of_another_shape_is_refused(tmp_path):
+    small = Phase2LM(vocab_size=V, phase1_checkpoint=str(phase1_checkpoint(tmp_path / "a.ckpt", V)))
+    wide = {**SMALL_CONTEXT, "context_dim": 24}
+    other = Phase2LM(vocab_size=V, phase1_checkpoint=str(phase1_checkpoint(tmp_path / "b.ckpt", V, context=wide)))
+    with pytest.raises(CVFPUserError, match="does not fit this Phase 2 model.*checkpoint \\(16"):
+        other.on_load_checkpoint({"state_dict": small.state_dict()})
+    tied = Phase2LM(vocab_size=V, phase1_checkpoint=str(tmp_path / "a.ckpt"), weight_tying=True)
+    with pytest.raises(CVFPUserError, match="missing"):
+        small.on_load_checkpoint({"state_dict": {k: v for k, v in tied.state_dict().items() if "head" not in k}})
+
+
+# ---- end to end through the CLI -------------------------------------------------------------------
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.mark.slow
+def test_phase1_then_phase2_with_a_cache_hit_then_test_and_predict(tmp_path, corpus, capsys, caplog):
+    caplog.set_level("INFO")
+    data = ["--data.init_args.paths", f"[{corpus}]", "--data.init_args.max_seq_len", "128"]
+    run_cli(["fit", "--config", str(CONFIGS / "phase1.yaml"), *data, *QUIET, "--trainer.max_epochs", "1",
+             "--model.init_args.context.context_dim", "32", "--model.init_args.context.num_layers", "2",
+             "--model.init_args.embedding.embed_dim", "32", "--trainer.logger.init_args.save_dir",
+             str(tmp_path / "logs")])
+    p1_dir = next((tmp_path / "logs" / "phase1").rglob("last.ckpt")).parent
+    assert (p1_dir / "context_cache.pt").is_file()  # written by ContextCacheHandoff
+
+    phase2 = ["--config", str(CONFIGS / "phase2.yaml"), *data, *QUIET, "--data.init_args.chunk_size", "256",
+              "--model.init_args.phase1_checkpoint", str(tmp_path / "logs/phase1/version_*/checkpoints/last.ckpt"),
+              "--model.init_args.lr", "0.005", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]
+    run_cli(["fit", *phase2, "--model.init_args.cache", "require", "--trainer.max_epochs", "4"])
+    run_dir = tmp_path / "logs" / "phase2" / "version_0"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["contexts"].startswith("context cache hit")
+    assert "Phase2LM: context cache hit" in caplog.text  # what the user sees in the log
+
+    from cvfp_lightning.data import TextDataModule
+
+    dm = TextDataModule(paths=[str(corpus)], sequences="samples", max_seq_len=128)
+    dm.setup()
+    targets = dm.val_sequences.targets()
+    unigram = unigram_ppl(dm.train_sequences.ids, targets[targets >= 0], dm.vocab_size)
+    print("val ppl", summary["val/ppl"], "unigram", unigram)
+    assert summary["val/ppl"] < unigram, (summary["val/ppl"], unigram)
+    assert summary["val/ppl"] == pytest.approx(math.exp(summary["val/loss"]), rel=1e-4)
+    assert 0 < summary["val/acc"] < 1 and 0 < summary["val/bpb"] < 8
+
+    best = run_dir / "checkpoints" / "best.ckpt"
+    assert best.is_file() and summary["best_model_path"] == str(best)
+    run_cli(["test", *phase2, "--ckpt_path", str(best)])
+    test_out = capsys.readouterr().out
+    assert "test/ppl" in test_out
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The for statement\n\nA class definition\n", encoding="utf-8")
+    run_cli(["predict", *phase2, "--ckpt_path", str(best), "--model.init_args.prompt_file", str(prompts),
+             "--model.init_args.prompts", "[]", "--model.init_args.max_new_tokens", "12"])
+    out = capsys.readouterr().out
+    generations = [json.loads(line) for line in
+                   next((tmp_path / "logs" / "phase2").rglob("generations.jsonl")).read_text().splitlines()]
+    assert [g["prompt"] for g in generations] == ["The for statement", "A class definition"]
+    assert all(g["new_tokens"] == 12 and len(g["ids"]) == 12 for g in generations)
+    assert "The for statement" in out and generations[0]["continuation"] in out
+
+
+@pytest.mark.slow
+def test_cli_refuses_test_without_weights_and_bad_prompts(tmp_path, corpus, capsys):
+    ckpt = phase1_checkpoint(tmp_path / "p1" / "last.ckpt", V)
+    args = ["--config", str(CONFIGS / "phase2.yaml"), "--data.init_args.paths", f"[{corpus}]", *QUIET,
+            "--model.init_args.phase1_checkpoint", str(ckpt), "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "logs")]
+    for extra, message in ((["test"], "needs trained weights: pass --ckpt_path"),
+                           (["predict", "--model.init_args.temperature", "0"], "temperature=0.0 is invalid"),
+                           (["predict", "--model.init_args.prompts", '[""]'], "is empty")):
+        with pytest.raises(SystemExit) as info:
+            run_cli([extra[0], *args, *extra[1:]])
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and err[-1].startswith("cvfp: error:")
