@@ -86,3 +86,81 @@ def test_untrusted_pickles_are_refused(tmp_path):
     torch.save({"x": Evil()}, path)
     with pytest.raises(CVFPUserError, match="not a readable"):
         safe_torch_load(path)
+
+
+def _weights(ckpt) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _kill_after_first_checkpoint(args: list[str], logs, timeout: float = 240.0) -> None:
+    """Start ``cvfp ARGS`` in a subprocess and SIGKILL it once an epoch's last.ckpt exists."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # one thread like the in-process runs: the same kernels, so bit-identical results
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cvfp_lightning.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            found = list(logs.rglob("last.ckpt"))
+            if found and torch.load(found[0], weights_only=True)["epoch"] >= 1:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    config = ["fit", "--config", str(CONFIGS / "phase1.yaml"), *SMALL, "--trainer.max_epochs", "12"]
+    run_cli([*config, "--trainer.logger.init_args.save_dir", str(tmp_path / "full")])
+    killed = tmp_path / "killed"
+    _kill_after_first_checkpoint([*config, "--trainer.logger.init_args.save_dir", str(killed)], killed)
+    run_cli([*config, "--trainer.logger.init_args.save_dir", str(killed), "--ckpt_path", "last"])
+    full = _weights(next((tmp_path / "full").rglob("last.ckpt")))
+    resumed = [p for p in killed.rglob("last.ckpt") if "version_1" in str(p)]
+    assert resumed, "the resumed run wrote no checkpoint"
+    got = _weights(resumed[0])
+    assert full.keys() == got.keys()
+    for key in full:
+        assert torch.equal(full[key], got[key]), key
+
+
+@pytest.mark.slow
+def test_soak_phase1_rss_stays_flat(tmp_path):
+    """300 steps on a 100k-token corpus: resident memory does not grow after the first epoch."""
+    import lightning as L
+
+    from cvfp_lightning.data import SyntheticTokensDataModule
+    from cvfp_lightning.modules import Phase1FixedPoint
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    samples: list[float] = []
+
+    class Rss(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            samples.append(rss_mb())
+
+    import os
+
+    dm = SyntheticTokensDataModule(vocab_size=4096, num_tokens=100_000, val_tokens=2_000, sequences="samples",
+                                   max_seq_len=500, chunk_size=1000)
+    model = Phase1FixedPoint(vocab_size=4096, context={"context_dim": 16, "num_layers": 1},
+                             embedding={"embed_dim": 16})
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[Rss()], default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    assert trainer.global_step >= 3 and len(samples) == 3
+    assert trainer.num_training_batches == 100  # 300 steps in all
+    assert samples[-1] - samples[0] < 20.0, samples  # MB, after the first epoch
