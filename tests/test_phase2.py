@@ -277,3 +277,20 @@ def test_cli_refuses_test_without_weights_and_bad_prompts(tmp_path, corpus, caps
         assert info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1] and err[-1].startswith("cvfp: error:")
+
+
+@pytest.mark.slow
+def test_seed_and_ultrachat_phase2_configs_run(tmp_path, ultrachat_jsonl):
+    """configs/phase2_seed.yaml and configs/ultrachat_phase2.yaml, shrunk, on tiny Phase 1 checkpoints."""
+    from cvfp_lightning.data import load_tokenizer
+
+    folder = tmp_path / "tokenizer"
+    load_tokenizer(None).save_pretrained(folder)  # a local stand-in for gpt2 (4096 ids)
+    ckpt = phase1_checkpoint(tmp_path / "p1" / "last.ckpt", V)
+    common = [*QUIET, "--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu",
+              "--model.init_args.phase1_checkpoint", str(ckpt), "--trainer.logger.init_args.save_dir",
+              str(tmp_path / "logs")]
+    run_cli(["fit", "--config", str(CONFIGS / "phase2_seed.yaml"), *common, "--data.init_args.vocab_size", str(V),
+             "--data.init_args.num_tokens", "256", "--data.init_args.val_tokens", "64"])
+    run_cli(["fit", "--config", str(CONFIGS / "ultrachat_phase2.yaml"), *common, "--data.init_args.data_files",
+             str(ultrachat_jsonl), "--data.init_args.num_samples", "10", "--data.init_args.tokenizer", str(folder)])
