@@ -216,17 +216,24 @@ class TokenDataModule(L.LightningDataModule):
         return getattr(module, "data_layout", "position_chunks")
 
     def _loader(self, seqs: TokenSequences, train: bool) -> DataLoader:
+        """The loader for the module's ``data_layout``.
+
+        Evaluation loaders (and Phase 1's in-order chunks) are padded with empty batches /
+        windows to a multiple of the DDP world size instead of the DistributedSampler's
+        duplicates, so metrics synced over ranks count every token exactly once and equal a
+        single process's.
+        """
         layout = self._layout()
-        if layout == "position_chunks":
-            world = self.trainer.world_size if self.trainer is not None else 1
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if layout == "position_chunks" or (layout == "positions" and not train):
             return DataLoader(PositionChunks(seqs, self.chunk_size, world), batch_size=None, shuffle=False,
                               num_workers=self.num_workers)
         if layout == "positions":
-            return DataLoader(PositionIndex(seqs.num_tokens), batch_size=self.chunk_size, shuffle=train,
+            return DataLoader(PositionIndex(seqs.num_tokens), batch_size=self.chunk_size, shuffle=True,
                               collate_fn=PositionCollate(seqs), num_workers=self.num_workers)
         if layout == "windows":
-            return DataLoader(Windows(seqs, self.seq_len), batch_size=self.batch_size, shuffle=train,
-                              num_workers=self.num_workers)
+            windows = Windows(seqs, self.seq_len, pad_to_multiple=1 if train else world)
+            return DataLoader(windows, batch_size=self.batch_size, shuffle=train, num_workers=self.num_workers)
         raise ValueError(f"unknown data_layout {layout!r}")
 
     def train_dataloader(self) -> DataLoader:

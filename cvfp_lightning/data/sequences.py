@@ -165,15 +165,19 @@ class Windows(Dataset):
 
     Each sequence is cut into consecutive windows; the targets of a window are the next ids
     in the same sequence (-100 past its end); short windows are right-padded with id 0.
+    ``pad_to_multiple`` appends empty windows (no targets) up to a multiple of it, so that
+    evaluation sharded over that many ranks counts every token exactly once.
     """
 
-    def __init__(self, seqs: TokenSequences, seq_len: int):
+    def __init__(self, seqs: TokenSequences, seq_len: int, pad_to_multiple: int = 1):
         self.seq_len = int(seq_len)
         self.ids, self.tgt = seqs.ids, seqs.targets()
         self.items: list[tuple[int, int]] = []
         for s in range(seqs.num_sequences):
             a, b = int(seqs.offsets[s]), int(seqs.offsets[s + 1])
             self.items += [(i, min(i + self.seq_len, b)) for i in range(a, b, self.seq_len)]
+        # empty windows (all targets -100) so a DistributedSampler needs no duplicates
+        self.items += [(0, 0)] * (-len(self.items) % max(1, pad_to_multiple))
 
     def __len__(self) -> int:
         return len(self.items)
