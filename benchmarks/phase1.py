@@ -35,7 +35,7 @@ SEED = {"fp32 stream": {"false": {"iter0_s": 28.0, "total_s": 267.0, "iterations
                         "true": {"total_s": 16.1, "iterations": 5}}}
 
 
-def one_run(mode: str, all_layers: bool, max_iterations: int) -> dict:
+def one_run(mode: str, all_layers: bool, max_iterations: int, num_tokens: int = 6400) -> dict:
     import lightning as L
     import torch
 
@@ -46,7 +46,7 @@ def one_run(mode: str, all_layers: bool, max_iterations: int) -> dict:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     L.seed_everything(42, verbose=False)
     samples = mode in ("samples", "bf16")
-    dm = SyntheticTokensDataModule(vocab_size=50257, num_tokens=6400, val_tokens=1280, seed=42,
+    dm = SyntheticTokensDataModule(vocab_size=50257, num_tokens=num_tokens, val_tokens=1280, seed=42,
                                    sequences="samples" if samples else "stream",
                                    max_seq_len=128 if samples else None, chunk_size=6400)
     model = Phase1FixedPoint(vocab_size=50257,
@@ -75,8 +75,8 @@ def one_run(mode: str, all_layers: bool, max_iterations: int) -> dict:
     return {"mode": mode, "token_input_all_layers": all_layers, "iter0_s": model._iteration0_seconds,
             "iter_s_median": statistics.median(times) if times else None, "iterations": iterations,
             "stopped_early": stop.stopped_at_iteration is not None, "total_s": total, "peak_rss_mb": rss_mb,
-            "train_tokens_per_s": 6400 * iterations / sum(times) if times else None,
-            "seq_tokens_per_s": 6400 / model._iteration0_seconds,
+            "num_tokens": num_tokens, "train_tokens_per_s": num_tokens * iterations / sum(times) if times else None,
+            "seq_tokens_per_s": num_tokens / model._iteration0_seconds,
             "final_rate": float(trainer.callback_metrics["train/convergence_rate"])}
 
 
@@ -122,17 +122,31 @@ def main() -> None:
     parser.add_argument("--all-layers", default="true,false")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--max-iterations", type=int, default=40)
-    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--scaling", default="", help="token counts, e.g. 6400,64000,640000: seconds per "
+                        "iteration (samples mode, 2 iterations) against data size")
+    parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one_run(args.one[0], args.one[1] == "true", args.max_iterations)))
-        return
-    if args.one is None and os.environ.get("BENCH_BOUNDS_ONLY"):
-        print(json.dumps(bounds(True)))
+        print(json.dumps(one_run(args.one[0], args.one[1] == "true", args.max_iterations, int(args.one[2]))))
         return
     import torch
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JSONARGPARSE_DEPRECATION_WARNINGS": "off"}
+    if args.scaling:
+        rows = []
+        for n in [int(x) for x in args.scaling.split(",")]:
+            out = subprocess.run([sys.executable, __file__, "--one", "samples", "true", str(n),
+                                  "--max-iterations", "2"], capture_output=True, text=True, env=env)
+            if out.returncode:
+                raise SystemExit(out.stderr[-3000:])
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{n:8d} tokens: iteration 0 {row['iter0_s']:.2f}s, parallel iteration {row['iter_s_median']:.2f}s "
+                  f"({row['iter_s_median'] / n * 1e6:.1f} us/token), peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"phase1_scaling_{time.strftime('%Y%m%d_%H%M%S')}.json").write_text(json.dumps(
+            {"torch": torch.__version__, "threads": int(env.get("BENCH_THREADS", "2")), "rows": rows}, indent=2))
+        return
     report = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "threads": int(env.get("BENCH_THREADS", "2")), "torch": torch.__version__,
               "loadavg_start": os.getloadavg(), "results": []}
@@ -141,7 +155,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             runs = []
             for _ in range(args.runs):
-                out = subprocess.run([sys.executable, __file__, "--one", mode, flag, "--max-iterations",
+                out = subprocess.run([sys.executable, __file__, "--one", mode, flag, "6400", "--max-iterations",
                                       str(args.max_iterations)], capture_output=True, text=True, env=env)
                 if out.returncode:
                     raise SystemExit(out.stderr[-3000:])
