@@ -21,7 +21,9 @@ in ``topk_summary.json``, and logged to TensorBoard as text ``topk/results``. Sc
 between the tokens' final contexts, the context after the last repetition) next to
 ``diag/attractor_distance_init`` (the same before training). A distance that collapses to
 ~0 means every token ends at one shared point: the loss is met without telling tokens
-apart (the seed's fair "100% converged" turned out to be this).
+apart (the seed's fair "100% converged" turned out to be this). Under the sequential
+schedule each token's context comes from its own model, so there the distance compares
+K independently trained models rather than testing one model for a shared fixed point.
 
 ``sequential`` schedule: when a token's block starts, every weight is re-drawn with the
 seed ``init_seed + k`` and the optimizer's state (Adam moments, step counts) is cleared,
