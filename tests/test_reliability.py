@@ -196,3 +196,39 @@ def test_ddp_validation_of_phase2_and_a_baseline_equals_one_process(tmp_path, co
                      "--trainer.logger.init_args.save_dir", str(out)])
             values.append(read_scalars(out)["val/ppl"][-1][1])
         assert values[0] == pytest.approx(values[1], rel=1e-5), (name, values)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["phase2", "repetition", "baseline"])
+def test_stop_and_resume_equals_uninterrupted_beyond_phase1(tmp_path, corpus, kind):
+    """Shuffled position / window / phrase orders depend on (seed, epoch) only, so a resume is exact."""
+    from lm_helpers import phase1_checkpoint
+
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+             "--trainer.callbacks", "[]"]
+    if kind == "phase2":
+        ckpt = phase1_checkpoint(tmp_path / "p1" / "last.ckpt", 4096)
+        args = ["--config", str(CONFIGS / "phase2.yaml"), "--model.init_args.phase1_checkpoint", str(ckpt),
+                "--data.init_args.paths", f"[{corpus}]", "--data.init_args.chunk_size", "256",
+                "--model.init_args.cache", "off"]
+    elif kind == "baseline":
+        args = ["--config", str(CONFIGS / "baseline_gru.yaml"), "--data.init_args.paths", f"[{corpus}]",
+                "--model.init_args.match_params", "null", "--model.init_args.hidden_dim", "16",
+                "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "8"]
+    else:
+        args = ["--config", str(CONFIGS / "repetition.yaml"), "--data.init_args.max_stage", "2",
+                "--data.init_args.epochs_per_stage", "2", "--data.init_args.repetitions", "12",
+                "--data.init_args.batch_size", "4", "--model.init_args.context.context_dim", "16",
+                "--model.init_args.context.hidden_dim", "16", "--model.init_args.embedding.embed_dim", "16",
+                "--trainer.accelerator", "cpu"]
+    run_cli(["fit", *args, *quiet, "--trainer.max_epochs", "4", "--trainer.logger.init_args.save_dir",
+             str(tmp_path / "full")])
+    run_cli(["fit", *args, *quiet, "--trainer.max_epochs", "2", "--trainer.logger.init_args.save_dir",
+             str(tmp_path / "part")])
+    run_cli(["fit", *args, *quiet, "--trainer.max_epochs", "4", "--ckpt_path", "last",
+             "--trainer.logger.init_args.save_dir", str(tmp_path / "part")])
+    full = _weights(next((tmp_path / "full").rglob("last.ckpt")))
+    got = _weights(next(p for p in (tmp_path / "part").rglob("last.ckpt") if "version_1" in str(p)))
+    assert full.keys() == got.keys()
+    for key in full:
+        assert torch.equal(full[key], got[key]), key

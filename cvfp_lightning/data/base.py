@@ -27,7 +27,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from cvfp_lightning.data.sequences import PositionChunks, PositionCollate, PositionIndex, TokenSequences, Windows
+from cvfp_lightning.data.sequences import (EpochShuffleSampler, PositionChunks, PositionCollate, PositionIndex,
+                                           TokenSequences, Windows)
 from cvfp_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from cvfp_lightning.errors import CVFPUserError, check, check_fraction, check_positive
 from cvfp_lightning.io import atomic_torch_save, safe_torch_load
@@ -229,11 +230,13 @@ class TokenDataModule(L.LightningDataModule):
             return DataLoader(PositionChunks(seqs, self.chunk_size, world), batch_size=None, shuffle=False,
                               num_workers=self.num_workers)
         if layout == "positions":
-            return DataLoader(PositionIndex(seqs.num_tokens), batch_size=self.chunk_size, shuffle=True,
-                              collate_fn=PositionCollate(seqs), num_workers=self.num_workers)
+            return DataLoader(PositionIndex(seqs.num_tokens), batch_size=self.chunk_size,
+                              sampler=EpochShuffleSampler(seqs.num_tokens), collate_fn=PositionCollate(seqs),
+                              num_workers=self.num_workers)
         if layout == "windows":
             windows = Windows(seqs, self.seq_len, pad_to_multiple=1 if train else world)
-            return DataLoader(windows, batch_size=self.batch_size, shuffle=train, num_workers=self.num_workers)
+            return DataLoader(windows, batch_size=self.batch_size, num_workers=self.num_workers,
+                              sampler=EpochShuffleSampler(len(windows)) if train else None)
         raise ValueError(f"unknown data_layout {layout!r}")
 
     def train_dataloader(self) -> DataLoader:

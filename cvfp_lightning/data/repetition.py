@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from cvfp_lightning.data.sequences import IGNORE_INDEX
+from cvfp_lightning.data.sequences import IGNORE_INDEX, EpochShuffleSampler
 from cvfp_lightning.data.tokenizer import load_tokenizer
 from cvfp_lightning.errors import check, check_positive
 
@@ -113,7 +113,8 @@ class RepeatedIdsDataModule(L.LightningDataModule):
                 "index": index, "stage": stage}
 
     def _loader(self, items: list[dict], shuffle: bool) -> DataLoader:
-        return DataLoader(items, batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate_repeated,
+        return DataLoader(items, batch_size=self.batch_size, collate_fn=collate_repeated,
+                          sampler=EpochShuffleSampler(len(items)) if shuffle else None,
                           num_workers=self.num_workers)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 IGNORE_INDEX = -100
 
@@ -189,3 +189,28 @@ class Windows(Dataset):
         inp[: b - a] = self.ids[a:b]
         tgt[: b - a] = self.tgt[a:b]
         return {"input_ids": inp, "targets": tgt}
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random order of ``range(n)`` that depends on (seed, epoch) only.
+
+    Lightning calls ``set_epoch`` before every epoch, so a run resumed from a checkpoint
+    draws the same order for its next epoch as the uninterrupted run (a plain
+    ``shuffle=True`` draws from the global RNG, whose state a checkpoint does not hold).
+    The seed defaults to ``torch.initial_seed()``, i.e. the run's ``seed_everything``.
+    """
+
+    def __init__(self, n: int, seed: int | None = None):
+        self.n = int(n)
+        self.seed = torch.initial_seed() if seed is None else int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63 - 1))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
