@@ -118,3 +118,69 @@ def test_bad_input_in_a_fresh_process_prints_exactly_one_line(tmp_path):
                             "--model.init_args.dist_reg_weight", "2"], capture_output=True, text=True, env=env,
                            cwd=ROOT, timeout=120)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+P2 = str(CONFIGS / "phase2.yaml")
+
+
+@pytest.fixture(scope="module")
+def phase2_files(tmp_path_factory, existing_run, files) -> dict[str, str]:
+    """Phase 2 inputs: the existing Phase 1 run, a tampered cache, another tokenizer."""
+    from cvfp_lightning.data import load_tokenizer
+
+    d = tmp_path_factory.mktemp("p2bad")
+    p1 = str(next(existing_run.rglob("last.ckpt")))
+    # one good Phase 2 run: writes the context cache next to the Phase 1 checkpoint, gives a Phase 2 ckpt
+    run_cli(["fit", "--config", P2, "--model.init_args.phase1_checkpoint", p1, *QUICK[:4],
+             "--data.init_args.num_samples", "6", "--data.init_args.max_seq_len", "64", "--trainer.max_epochs", "1",
+             "--trainer.logger.init_args.save_dir", str(d / "logs")])
+    cache = next(existing_run.rglob("context_cache.pt"))
+    tampered = torch.load(cache, weights_only=True)
+    tampered["fingerprint"] = "0" * 64
+    torch.save(tampered, d / "tampered_cache.pt")
+    tok = load_tokenizer(None)
+    tok.add_tokens(["<one-more>"])
+    tok.save_pretrained(d / "tok4097")
+    return {"p1": p1, "p2": str(next((d / "logs").rglob("last.ckpt"))), "tampered": str(d / "tampered_cache.pt"),
+            "tok4097": str(d / "tok4097"), "good_cache": str(cache), **{k: str(v) for k, v in files.items()}}
+
+
+P2_CASES = [
+    ("phase1 checkpoint missing", "fit", ["--model.init_args.phase1_checkpoint", "/no/such/last.ckpt"],
+     "does not exist"),
+    ("phase1 checkpoint garbage", "fit", ["--model.init_args.phase1_checkpoint", "{garbage}"], "not a readable"),
+    ("not a phase1 checkpoint", "fit", ["--model.init_args.phase1_checkpoint", "{foreign}"],
+     "not a Phase 1 checkpoint"),
+    ("vocabulary differs from phase1", "fit", ["--data.init_args.tokenizer", "{tok4097}"], "4097"),
+    ("tampered cache required", "fit", ["--model.init_args.cache", "require", "--model.init_args.cache_path",
+                                        "{tampered}"], "model.cache=require"),
+    ("stale cache of other data required", "fit", ["--model.init_args.cache", "require", "--model.init_args.cache_path",
+                                                   "{good_cache}", "--data.init_args.paths", "[{good}]",
+                                                   "--data.init_args.num_samples", "2"],
+     "model.cache=require"),
+    ("unknown cache mode", "fit", ["--model.init_args.cache", "sometimes"], "sometimes"),
+    ("temperature 0", "predict", ["--model.init_args.temperature", "0"], "temperature=0"),
+    ("empty prompt", "predict", ["--model.init_args.prompts", '[""]'], "empty"),
+    ("missing prompt file", "predict", ["--model.init_args.prompt_file", "/no/prompts.txt"], "does not exist"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, command, extra, expected", P2_CASES, ids=[c[0] for c in P2_CASES])
+def test_phase2_bad_input(case, command, extra, expected, phase2_files, existing_run, capsys):
+    before = tree_hash(existing_run)
+    args = [a.format(**phase2_files) for a in extra]
+    base = ["--config", P2, "--model.init_args.phase1_checkpoint", phase2_files["p1"], *QUICK[:4],
+            "--data.init_args.num_samples", "6", "--data.init_args.max_seq_len", "64",
+            "--trainer.logger.init_args.save_dir", str(existing_run)]
+    if command == "predict":
+        base += ["--ckpt_path", phase2_files["p2"]]
+    with pytest.raises(SystemExit) as info:
+        run_cli([command, *base, *args])
+    assert info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("cvfp: error: ") and expected in err[0], err
+    after = tree_hash(existing_run)
+    # every file that was there is unchanged; a cache error found at setup may leave only a new version folder
+    assert {k: after.get(k) for k in before} == before
+    assert all(k.startswith("phase2/version_") for k in set(after) - set(before))
