@@ -287,7 +287,8 @@ def test_seed_and_ultrachat_phase2_configs_run(tmp_path, ultrachat_jsonl):
     folder = tmp_path / "tokenizer"
     load_tokenizer(None).save_pretrained(folder)  # a local stand-in for gpt2 (4096 ids)
     ckpt = phase1_checkpoint(tmp_path / "p1" / "last.ckpt", V)
-    common = [*QUIET, "--trainer.fast_dev_run", "true", "--trainer.accelerator", "cpu",
+    common = [*QUIET, "--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.accelerator", "cpu",
               "--model.init_args.phase1_checkpoint", str(ckpt), "--trainer.logger.init_args.save_dir",
               str(tmp_path / "logs")]
     run_cli(["fit", "--config", str(CONFIGS / "phase2_seed.yaml"), *common, "--data.init_args.vocab_size", str(V),
