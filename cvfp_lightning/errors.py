@@ -35,3 +35,34 @@ def check_fraction(name: str, value: float, *, closed: bool = True) -> None:
     ok = 0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0
     interval = "[0, 1]" if closed else "(0, 1)"
     check(ok, f"{name}={value!r} is invalid: expected a value in {interval}.")
+
+
+class ConfigMixin:
+    """``coerce`` / ``to_dict`` for the option dataclasses (``context:``, ``embedding:``).
+
+    ``coerce`` accepts an instance, a plain dict (as stored in checkpoints, unknown keys
+    refused by name) or None (the defaults). Subclasses set ``_name`` for messages.
+    """
+
+    _name = "config"
+
+    @classmethod
+    def coerce(cls, value):
+        from dataclasses import fields
+
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise CVFPUserError(f"{cls._name} config has unknown keys {unknown}: expected some of {sorted(known)}.")
+            return cls(**value)
+        raise CVFPUserError(f"{cls._name} config {value!r} is invalid: expected a mapping.")
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)

@@ -28,21 +28,21 @@ Updaters (``ContextConfig.updater``):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cvfp_lightning.errors import CVFPUserError, check, check_positive
+from cvfp_lightning.errors import ConfigMixin, check, check_positive
 
 UpdaterName = Literal["residual", "gated", "simple"]
 Stacking = Literal["sequential", "layerwise"]
 
 
 @dataclass
-class ContextConfig:
+class ContextConfig(ConfigMixin):
     """Shape of the context block.
 
     Args:
@@ -56,6 +56,7 @@ class ContextConfig:
         bias_std: std of the normal init of Linear biases.
     """
 
+    _name = "context"  # for messages (a class attribute, not a field)
     updater: UpdaterName = "residual"
     context_dim: int = 768
     num_layers: int = 6
@@ -77,24 +78,6 @@ class ContextConfig:
             check_positive(f"context.{name}", value)
         check_positive("context.init_std", self.init_std, allow_zero=True)
         check_positive("context.bias_std", self.bias_std, allow_zero=True)
-
-    @classmethod
-    def coerce(cls, value: "ContextConfig | dict | None") -> "ContextConfig":
-        """Accept a ContextConfig, a plain dict (as stored in checkpoints) or None."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise CVFPUserError(f"context config has unknown keys {unknown}: expected some of {sorted(known)}.")
-            return cls(**value)
-        raise CVFPUserError(f"context config {value!r} is invalid: expected a mapping.")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _init_linear(layer: nn.Linear, init_std: float, bias_std: float) -> None:

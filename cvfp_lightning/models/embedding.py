@@ -6,16 +6,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from cvfp_lightning.errors import CVFPUserError, check, check_positive
+from cvfp_lightning.errors import ConfigMixin, CVFPUserError, check, check_positive
 
 
 @dataclass
-class EmbeddingConfig:
+class EmbeddingConfig(ConfigMixin):
     """Token embedding options.
 
     Args:
@@ -29,6 +29,7 @@ class EmbeddingConfig:
         trust_remote_code: passed to ``AutoModel.from_pretrained``; off unless you set it.
     """
 
+    _name = "embedding"  # for messages (a class attribute, not a field)
     embed_dim: int | None = None
     pretrained: str | None = None
     freeze: bool = True
@@ -42,23 +43,6 @@ class EmbeddingConfig:
                   f"embedding.embed_dim={self.embed_dim!r} is invalid: expected an integer.")
             check_positive("embedding.embed_dim", self.embed_dim)
         check_positive("embedding.init_std", self.init_std)
-
-    @classmethod
-    def coerce(cls, value: "EmbeddingConfig | dict | None") -> "EmbeddingConfig":
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise CVFPUserError(f"embedding config has unknown keys {unknown}: expected some of {sorted(known)}.")
-            return cls(**value)
-        raise CVFPUserError(f"embedding config {value!r} is invalid: expected a mapping.")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def load_pretrained_embedding(name_or_path: str, trust_remote_code: bool = False) -> Tensor:
