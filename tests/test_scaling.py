@@ -100,7 +100,7 @@ def test_csv_json_png_and_tensorboard_are_written(tmp_path, capsys):
     assert scalars["fit/gru/alpha"][0][1] == pytest.approx(-0.2, abs=1e-6)
 
     printed = capsys.readouterr().out
-    assert "| cvfp | 10 | 1000 | 500 |" in printed
+    assert "| cvfp | 10 | 1000 | 100 | 500 |" in printed
     assert "cvfp: log(PPL) = -0.4000 * log(tokens)" in printed and "2x data -> 24.2% lower PPL" in printed
 
     write_results(settings, rows)  # written again (a resumed run): one event file, not two

@@ -437,7 +437,7 @@ def _fmt(value) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = ["model", "samples", "train_tokens", "val_ppl", "val_acc", "effective_rank_pct", "phase1_iterations",
+    cols = ["model", "samples", "train_tokens", "val_tokens", "val_ppl", "val_acc", "effective_rank_pct", "phase1_iterations",
             "wall_s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
