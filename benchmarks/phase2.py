@@ -1,0 +1,98 @@
+"""Phase 2 training throughput against GRU and transformer baselines of matched size.
+
+Same data (the bundled corpus, bundled tokenizer, per-sample sequences of 128), same run:
+a Phase 1 context block of the demo's shape (``configs/phase1.yaml``: residual, 3 x 128,
+embedding 128; untrained weights, the throughput does not depend on them) feeds
+``Phase2LM``; ``BaselineLM`` (gru, transformer) is sized with ``match_params`` to Phase 2's
+trainable parameter count. Each model trains ``--epochs`` epochs; the table reports
+training tokens per second (first epoch dropped, median over epochs and ``--runs``).
+Phase 2's contexts come from one sequential pass (the cache), timed separately.
+
+    python benchmarks/phase2.py [--runs 3] [--epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import lightning as L
+    import torch
+
+    from cvfp_lightning.data import TextDataModule
+    from cvfp_lightning.models.baselines import count_trainable
+    from cvfp_lightning.modules import BaselineLM, Phase1FixedPoint, Phase2LM
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    tmp = Path(tempfile.mkdtemp())
+    L.seed_everything(42, verbose=False)
+    p1 = Phase1FixedPoint(vocab_size=4096, context={"updater": "residual", "context_dim": 128, "num_layers": 3,
+                                                    "init_std": 0.3}, embedding={"embed_dim": 128})
+    ckpt = tmp / "phase1.ckpt"
+    torch.save({"state_dict": p1.state_dict(), "hyper_parameters": dict(p1.hparams), "epoch": 0}, ckpt)
+
+    def data():
+        return TextDataModule(sequences="samples", max_seq_len=128, chunk_size=1024, batch_size=8, seq_len=128)
+
+    def fit(model) -> tuple[list[float], int]:
+        times: list[float] = []
+
+        class Timer(L.Callback):
+            def on_train_epoch_start(self, trainer, pl_module):
+                self.t = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if batch_idx + 1 == trainer.num_training_batches:
+                    times.append(time.perf_counter() - self.t)
+
+        dm = data()
+        trainer = L.Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            limit_val_batches=0, callbacks=[Timer()], default_root_dir=tmp)
+        trainer.fit(model, dm)
+        return times, dm.train_sequences.num_tokens
+
+    rows: dict[str, list[float]] = {"phase2": [], "gru": [], "transformer": []}
+    params: dict[str, int] = {}
+    context_s: list[float] = []
+    for _ in range(args.runs):
+        model = Phase2LM(vocab_size=4096, phase1_checkpoint=str(ckpt), cache="off")
+        times, tokens = fit(model)
+        params["phase2"] = count_trainable(model)
+        context_s.append(model.context_seconds)
+        rows["phase2"] += [tokens / t for t in times[1:]]
+        for arch in ("gru", "transformer"):
+            base = BaselineLM(vocab_size=4096, arch=arch, match_params=params["phase2"])
+            times, tokens = fit(base)
+            params[arch] = count_trainable(base)
+            rows[arch] += [tokens / t for t in times[1:]]
+    report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
+              "train_tokens": tokens, "trainable_params": params, "phase2_context_pass_s": statistics.median(context_s),
+              "tokens_per_s_median": {k: statistics.median(v) for k, v in rows.items()}, "samples": rows}
+    for k, v in report["tokens_per_s_median"].items():
+        print(f"{k:12s} {params[k]:>9d} trainable params  {v:10.0f} train tokens/s")
+    print(f"Phase 2 contexts (one sequential pass over train+val): {report['phase2_context_pass_s']:.2f}s")
+    out = HERE / "results" / f"phase2_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
