@@ -23,7 +23,8 @@ iterations, seconds per run and the size's wall time. Then, per model,
 
 ``out_dir`` (``--out_dir``) receives:
 
-- ``scaling.csv`` (one row per size and model), ``scaling.json`` (rows, fits, settings),
+- ``scaling.csv`` (one row per size and model), ``scaling.json`` (rows, fits, settings;
+  ``wall_s``: the sum of the rows' seconds, ``run_s``: this invocation's, less on resume),
   ``scaling.png`` (log-log PPL against train tokens with the fitted lines), and the same in
   TensorBoard under ``tensorboard/``;
 - ``samples_<N>/<run>/``: the Lightning logs and checkpoints of each run (``run`` =
@@ -460,7 +461,7 @@ def plot_figure(rows: list[dict], fits: dict[str, PowerLawFit]):
             lo, hi = min(xs), max(xs)
             grid = [lo * (hi / lo) ** (i / 50) for i in range(51)]
             ax.plot(grid, [fit.predict(x) for x in grid], "-", color=colour,
-                    label=f"{model}: PPL = {fit.A:.3g} T^{fit.alpha:.3f} (R² {fit.r2:.3f})")
+                    label=f"{model}: PPL = {fit.A:.3g} $T^{{{fit.alpha:.3f}}}$ ($R^2$ {fit.r2:.3f})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("train tokens T")
