@@ -196,6 +196,25 @@ def test_overrides_reach_every_run_as_command_line_arguments(tmp_path, no_input_
     assert "--model.init_args.lr=0.005" in p2
 
 
+def test_cli_args_put_class_paths_first_and_keep_strings_as_they_are():
+    from cvfp_lightning.experiments.scaling import cli_args
+
+    args = cli_args({"data.init_args.data_files": "a.jsonl", "trainer.max_epochs": 3, "data.init_args.paths": None,
+                     "data.class_path": "cvfp_lightning.data.UltraChatDataModule", "x.flag": True})
+    assert args == ["--data.class_path=cvfp_lightning.data.UltraChatDataModule", "--data.init_args.data_files=a.jsonl",
+                    "--trainer.max_epochs=3", "--data.init_args.paths=null", "--x.flag=true"]
+
+
+def test_baseline_overrides_may_set_the_baseline_size_themselves(tmp_path, no_input_checks):
+    runner = FakeRunner()
+    settings = _settings(tmp_path, sizes=[10, 20], baseline="transformer",
+                         baseline_overrides={"model.init_args.match_params": None})
+    ScalingExperiment(settings, runner=runner).run()
+    base = [args for _, run, args in runner.calls if run == "transformer"]
+    assert len(base) == 2 and any(a.endswith("baseline_transformer.yaml") for a in base[0])
+    assert [a for a in base[0] if "match_params" in a] == ["--model.init_args.match_params=null"]
+
+
 # ---- bad input ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("sizes, message", [
     ("[10]", "sizes=[10] has fewer than 2 sizes"),

@@ -10,7 +10,7 @@ smallest first, it trains through :class:`~cvfp_lightning.cli.CVFPCLI`, the code
    <that last.ckpt> ...``, which reads the cache ("cache hit");
 3. with ``baseline`` (``gru``, ``lstm`` or ``transformer``): ``cvfp fit --config
    <baseline_config>`` on the same data, sized to Phase 2's trainable parameter count
-   (``model.init_args.match_params``).
+   (``model.init_args.match_params``, unless ``baseline_overrides`` sets it).
 
 ``overrides`` (dotted keys, as on the ``cvfp fit`` command line) go to every run, so the
 data settings of Phase 1 and Phase 2 agree (the cache needs that); ``phase1_overrides``,
@@ -214,8 +214,13 @@ def check_sizes(sizes: Sequence[int]) -> None:
 
 
 def cli_args(overrides: dict) -> list[str]:
-    """``{"a.b": v}`` -> ``["--a.b=v"]``: strings as they are, other values as JSON (read as YAML)."""
-    return [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in overrides.items()]
+    """``{"a.b": v}`` -> ``["--a.b=v"]``: strings as they are, other values as JSON (read as YAML).
+
+    ``...class_path`` keys come first, so the options that follow apply to the new class.
+    """
+    keys = sorted(overrides, key=lambda key: not key.endswith("class_path"))
+    return [f"--{key}={overrides[key] if isinstance(overrides[key], str) else json.dumps(overrides[key])}"
+            for key in keys]
 
 
 @contextlib.contextmanager
@@ -336,7 +341,7 @@ class ScalingExperiment:
         args = ["--config", str(self._config(run)), *self._settings_args(run, size)]
         if run == "phase2":
             args.append(f"--model.init_args.phase1_checkpoint={phase1_checkpoint}")
-        if match_params is not None:
+        if match_params is not None and "model.init_args.match_params" not in self.s.baseline_overrides:
             args.append(f"--model.init_args.match_params={int(match_params)}")
         logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                   "init_args": {"save_dir": str(self.s.out_dir), "name": self.size_dir(size).name, "version": run}}
