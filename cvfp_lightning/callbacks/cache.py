@@ -24,7 +24,8 @@ class ContextCacheHandoff(L.Callback):
     After the last epoch (when ``last.ckpt`` holds the final weights) it runs one
     sequential pass over the train and validation tokens with the final weights and saves
     every layer's contexts, the embeddings and their fingerprint to ``path`` (default:
-    ``context_cache.pt`` in the checkpoint folder, next to ``last.ckpt``). Phase 2
+    ``context_cache.pt`` in the checkpoint folder, next to ``last.ckpt``; nothing without
+    a checkpoint folder or in ``fast_dev_run``). Phase 2
     (``Phase2LM``) looks there for the cache of its ``phase1_checkpoint``, checks the
     fingerprint and says "cache hit", or why it rebuilds (``cache: require`` refuses).
 
@@ -38,15 +39,19 @@ class ContextCacheHandoff(L.Callback):
         self.path, self.batch_size = path, batch_size
         self.written: Path | None = None
 
-    def cache_path(self, trainer: L.Trainer) -> Path:
+    def cache_path(self, trainer: L.Trainer) -> Path | None:
+        """``path``, else next to the checkpoints; None when the run saves no checkpoints."""
         if self.path:
             return Path(self.path)
-        ckpt = trainer.checkpoint_callback
-        folder = getattr(ckpt, "dirpath", None) or Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
-        return Path(folder) / CACHE_FILENAME
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+        return Path(folder) / CACHE_FILENAME if folder else None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.status == TrainerStatus.INTERRUPTED or trainer.sanity_checking:
+        if trainer.state.status == TrainerStatus.INTERRUPTED or trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        path = self.cache_path(trainer)
+        if path is None:
+            rank_zero_warn("ContextCacheHandoff: no checkpoint folder and no path given; no context cache written.")
             return
         dm = getattr(trainer, "datamodule", None)
         hp = pl_module.hparams
@@ -62,7 +67,6 @@ class ContextCacheHandoff(L.Callback):
                                       components, self.batch_size, rank=trainer.global_rank,
                                       world_size=trainer.world_size,
                                       reduce=lambda t: strategy.reduce(t, reduce_op="sum"))
-        path = self.cache_path(trainer)
         if trainer.is_global_zero:
             save_context_cache(cache, path)
             rank_zero_info(f"context cache for Phase 2 written to {path} ({dm.train_sequences.num_tokens} train + "

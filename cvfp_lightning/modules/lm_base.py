@@ -152,7 +152,7 @@ class NextTokenModule(L.LightningModule):
         self._has_weights = True
         best_path, best_epoch = self._restore_best()
         self.summary = self._summary(best_path, best_epoch)
-        log_dir = self.trainer.log_dir if self.trainer.loggers else None  # no logger: no files
+        log_dir = self.trainer.log_dir if self.trainer.loggers and not self.trainer.fast_dev_run else None
         if self.trainer.is_global_zero and log_dir:
             atomic_write_json(self.summary, Path(log_dir) / "summary.json")
             shown = {k: round(v, 4) for k, v in self.summary.items()
