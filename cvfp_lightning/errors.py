@@ -1,10 +1,12 @@
-"""User-facing errors.
+"""User-facing errors (and the option-dataclass helper).
 
 A ``CVFPUserError`` means the user gave a value we cannot work with. The ``cvfp`` CLI
 prints its message as one line on stderr and exits with code 2 (no traceback unless
 ``--debug`` or ``CVFP_DEBUG=1``). Messages name the bad value, what was expected, and
 how to fix it.
 """
+
+from dataclasses import dataclass
 
 
 class CVFPUserError(ValueError):
@@ -37,8 +39,12 @@ def check_fraction(name: str, value: float, *, closed: bool = True) -> None:
     check(ok, f"{name}={value!r} is invalid: expected a value in {interval}.")
 
 
+@dataclass
 class ConfigMixin:
     """``coerce`` / ``to_dict`` for the option dataclasses (``context:``, ``embedding:``).
+
+    A (field-less) dataclass itself, so jsonargparse still sees a pure dataclass and the
+    YAML stays ``context: {context_dim: ...}`` rather than ``class_path``/``init_args``.
 
     ``coerce`` accepts an instance, a plain dict (as stored in checkpoints, unknown keys
     refused by name) or None (the defaults). Subclasses set ``_name`` for messages.

@@ -100,6 +100,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, extra, expected,
     assert info.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1, err
+    print(f"[{case}] {err[0]}")
     assert err[0].startswith("cvfp: error: ") and expected in err[0], err[0]
     assert "Traceback" not in err[0]
     assert tree_hash(existing_run) == before
@@ -179,6 +180,7 @@ def test_phase2_bad_input(case, command, extra, expected, phase2_files, existing
         run_cli([command, *base, *args])
     assert info.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    print(f"[{case}] {err[0] if err else ''}")
     assert len(err) == 1 and err[0].startswith("cvfp: error: ") and expected in err[0], err
     after = tree_hash(existing_run)
     # every file that was there is unchanged; a cache error found at setup may leave only a new version folder

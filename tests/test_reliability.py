@@ -163,6 +163,7 @@ def test_soak_phase1_rss_stays_flat(tmp_path):
     trainer.fit(model, dm)
     assert trainer.global_step >= 3 and len(samples) == 3
     assert trainer.num_training_batches == 100  # 300 steps in all
+    print("soak RSS after each epoch (MB):", [round(x, 1) for x in samples])
     assert samples[-1] - samples[0] < 20.0, samples  # MB, after the first epoch
 
 
