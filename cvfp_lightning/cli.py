@@ -59,7 +59,9 @@ def _to_plain(value):
 def _one_line(message: str) -> str:
     """Collapse a (jsonargparse) error message to one line without the value dumps."""
     lines = [line.strip().lstrip("- ").strip() for line in str(message).splitlines()]
-    keep = [line for line in lines if line and not line.startswith(("Given value", "Expected a <class 'NoneType'>"))]
+    noise = ("Given value", "Expected a <class 'NoneType'>", "Does not validate against any of the Union",
+             "Subtypes:", "Errors:")
+    keep = [line for line in lines if line and not line.startswith(noise)]
     return " ".join(keep)[:800]
 
 
