@@ -25,9 +25,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cvfp_lightning.errors import CVFPUserError
 
-SHAPE_FREE_KEYS: set[str] = set()  # hyperparameters a resume may change (none: a resume is exact)
-
-
 def _flatten(d, prefix: str = "") -> dict:
     out = {}
     for k, v in (d or {}).items():
@@ -196,14 +193,15 @@ class CVFPCLI(LightningCLI):
         model_cfg = self.config[sub].get("model")
         current = _flatten(_to_plain(getattr(model_cfg, "init_args", None) or {}))
         diffs = [f"{k}: checkpoint {saved[k]!r} vs config {current[k]!r}" for k in sorted(saved)
-                 if k in current and k != "vocab_size" and k not in SHAPE_FREE_KEYS and saved[k] != current[k]]
+                 if k in current and k != "vocab_size" and saved[k] != current[k]]
         missing = sorted(k for k in saved if k not in current and k != "vocab_size")
         if missing and current:
             raise CVFPUserError(f"--ckpt_path {ckpt_path!r} was written by another model class (its "
                                 f"hyperparameters {missing[:5]} are not options of {model_cfg.class_path}).")
         if diffs:
             raise CVFPUserError(f"--ckpt_path {ckpt_path!r} was trained with other settings; a resume must use the "
-                                f"same ones. Differences: {'; '.join(diffs)}.")
+                                f"same ones (the run's config.yaml holds them: --config <run>/config.yaml). "
+                                f"Differences: {'; '.join(diffs)}.")
 
 
 def _check_config_files(args: list[str]) -> None:
