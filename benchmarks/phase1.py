@@ -48,7 +48,8 @@ def one_run(mode: str, all_layers: bool, max_iterations: int, num_tokens: int = 
     samples = mode in ("samples", "bf16")
     dm = SyntheticTokensDataModule(vocab_size=50257, num_tokens=num_tokens, val_tokens=1280, seed=42,
                                    sequences="samples" if samples else "stream",
-                                   max_seq_len=128 if samples else None, chunk_size=6400)
+                                   max_seq_len=128 if samples else None,
+                                   chunk_size=int(os.environ.get("BENCH_CHUNK", "1600")))
     model = Phase1FixedPoint(vocab_size=50257,
                              context={"updater": "residual", "context_dim": 768, "num_layers": 6,
                                       "token_input_all_layers": all_layers},
