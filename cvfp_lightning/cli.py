@@ -154,20 +154,23 @@ class CVFPCLI(LightningCLI):
                     dirs.append(Path(save_dir) / (init.get("name") or ""))
         return dirs or [root / "lightning_logs"]
 
-    def _resolve_last(self) -> str:
+    def _resolve_newest(self, which: str) -> str:
+        """The newest ``last.ckpt`` (``which="last"``) or ``best*.ckpt`` of earlier runs."""
+        pattern = "last.ckpt" if which == "last" else "best*.ckpt"
         candidates = []
         for d in self._logger_dirs():
-            candidates += glob.glob(str(d / "**" / "checkpoints" / "last.ckpt"), recursive=True)
+            candidates += glob.glob(str(d / "**" / "checkpoints" / pattern), recursive=True)
         if not candidates:
             where = ", ".join(str(d) for d in self._logger_dirs())
-            raise CVFPUserError(f"--ckpt_path last: no last.ckpt found under {where}: nothing to resume; "
-                                "give the checkpoint's path or start without --ckpt_path.")
+            raise CVFPUserError(f"--ckpt_path {which}: no {pattern} found under {where}: nothing to load; "
+                                "give the checkpoint's path (or train first).")
         return max(candidates, key=os.path.getmtime)
 
     def _parse_ckpt_path(self) -> None:
         """Check the checkpoint before anything is built (replaces Lightning's silent merge).
 
-        ``last`` resolves to the newest ``last.ckpt`` of earlier runs in the logger folder.
+        ``last`` resolves to the newest ``last.ckpt`` of earlier runs in the logger folder,
+        and (for validate / test / predict) ``best`` to the newest ``best*.ckpt``.
         A checkpoint whose hyperparameters differ from the config is refused with the
         differences named (Lightning would silently keep the checkpoint's values).
         """
@@ -175,12 +178,12 @@ class CVFPCLI(LightningCLI):
             return
         sub = self.config.subcommand
         ckpt_path = self.config[sub].get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
+        if not ckpt_path or ckpt_path in ("hpc", "registry") or (ckpt_path == "best" and sub == "fit"):
             return
-        if ckpt_path == "last":
-            ckpt_path = self._resolve_last()
+        if ckpt_path in ("last", "best"):
+            ckpt_path = self._resolve_newest(ckpt_path)
             self.config[sub]["ckpt_path"] = ckpt_path
-            print(f"cvfp: resuming from {ckpt_path}", file=sys.stderr)
+            print(f"cvfp: using {ckpt_path}", file=sys.stderr)
         from cvfp_lightning.io import safe_torch_load
 
         if not Path(ckpt_path).is_file():

@@ -233,3 +233,21 @@ def test_stop_and_resume_equals_uninterrupted_beyond_phase1(tmp_path, corpus, ki
     assert full.keys() == got.keys()
     for key in full:
         assert torch.equal(full[key], got[key]), key
+
+
+@pytest.mark.slow
+def test_ckpt_path_best_finds_the_newest_best_checkpoint(tmp_path, corpus, capsys):
+    from lm_helpers import phase1_checkpoint
+
+    ckpt = phase1_checkpoint(tmp_path / "p1" / "last.ckpt", 4096)
+    args = ["--config", str(CONFIGS / "phase2.yaml"), "--model.init_args.phase1_checkpoint", str(ckpt),
+            "--data.init_args.paths", f"[{corpus}]", "--model.init_args.cache", "off",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]
+    run_cli(["fit", *args, "--trainer.max_epochs", "1"])
+    best = next((tmp_path / "logs").rglob("best.ckpt"))
+    capsys.readouterr()
+    run_cli(["test", *args, "--ckpt_path", "best"])
+    captured = capsys.readouterr()
+    assert f"cvfp: using {best}" in captured.err
+    assert "test/ppl" in captured.out
