@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from cvfp_lightning.data.sequences import TokenSequences
-from cvfp_lightning.models.context import ContextUpdater
+from cvfp_lightning.models.context import ContextUpdater, unroll
 from cvfp_lightning.models.embedding import TokenEmbedding
 
 MAX_BLOCK = 512  # time steps embedded at once
@@ -53,23 +53,17 @@ def sequential_pass(updater: ContextUpdater, embedding: TokenEmbedding, seqs: To
         for t0 in range(0, T, block):
             t1 = min(t0 + block, T)
             embeds = embedding(ids[:, t0:t1])  # (B, t1-t0, E)
-            terms = updater.token_terms(embeds)  # the token's share of each Linear, for the whole block at once
-            steps, layer_steps = [], [[] for _ in updater.layer_dims]
-            for t in range(t1 - t0):
-                step_terms = [term[:, t] for term in terms]
-                if return_all_layers:
-                    context, layers = updater.update_context_one_step(context, embeds[:, t], True, step_terms)
-                    for store, layer in zip(layer_steps, layers):
-                        store.append(layer)
-                else:
-                    context = updater.update_context_one_step(context, embeds[:, t], token_terms=step_terms)
-                steps.append(context)
+            if return_all_layers:
+                steps, layer_steps = unroll(updater, embeds, context, return_all_layers=True)
+            else:
+                steps, layer_steps = unroll(updater, embeds, context), []
+            context = steps[:, -1]
             block_valid = valid[:, t0:t1]
             idx = flat[:, t0:t1][block_valid].to(device)
             mask = block_valid.to(device)
-            out[idx] = torch.stack(steps, dim=1)[mask].to(out_dtype)
-            for store, layer_buf in zip(layer_steps, layers_out):
-                layer_buf[idx] = torch.stack(store, dim=1)[mask].to(out_dtype)
+            out[idx] = steps[mask].to(out_dtype)
+            for layer_block, layer_buf in zip(layer_steps, layers_out):
+                layer_buf[idx] = layer_block[mask].to(out_dtype)
     return (out, layers_out) if return_all_layers else out
 
 

@@ -297,6 +297,10 @@ def unroll(updater: ContextUpdater, token_embeds: Tensor, context0: Tensor | Non
            return_all_layers: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
     """Sequential pass: ``c_t = f(c_{t-1}, e_t)`` for t = 0..T-1 from ``c_{-1} = context0``.
 
+    The token's share of every Linear is computed for all T steps in one product
+    (:meth:`ContextUpdater.token_terms`), so each step multiplies only the context.
+    Differentiable (repetition training backpropagates through it).
+
     Args:
         token_embeds: ``(B, T, E)``.
         context0: ``(B, D)`` starting context; zeros when None.
@@ -304,20 +308,22 @@ def unroll(updater: ContextUpdater, token_embeds: Tensor, context0: Tensor | Non
         contexts ``(B, T, D)``, and with ``return_all_layers`` a list of ``(B, T, d_l)``.
     """
     B, T, _ = token_embeds.shape
-    context = (token_embeds.new_zeros(B, updater.context_dim) if context0 is None else context0)
-    finals: list[Tensor] = []
-    per_layer: list[list[Tensor]] = [[] for _ in updater.layer_dims] if return_all_layers else []
-    for t in range(T):
-        if return_all_layers:
-            context, layers = updater.update_context_one_step(context, token_embeds[:, t], return_all_layers=True)
-            for store, layer in zip(per_layer, layers):
-                store.append(layer)
-        else:
-            context = updater.update_context_one_step(context, token_embeds[:, t])
-        finals.append(context)
+    context = token_embeds.new_zeros(B, updater.context_dim) if context0 is None else context0
     if T == 0:
         out = token_embeds.new_zeros(B, 0, updater.context_dim)
         return (out, [token_embeds.new_zeros(B, 0, d) for d in updater.layer_dims]) if return_all_layers else out
+    terms = updater.token_terms(token_embeds)
+    finals: list[Tensor] = []
+    per_layer: list[list[Tensor]] = [[] for _ in updater.layer_dims]
+    for t in range(T):
+        step_terms = [term[:, t] for term in terms]
+        if return_all_layers:
+            context, layers = updater.update_context_one_step(context, token_embeds[:, t], True, step_terms)
+            for store, layer in zip(per_layer, layers):
+                store.append(layer)
+        else:
+            context = updater.update_context_one_step(context, token_embeds[:, t], token_terms=step_terms)
+        finals.append(context)
     contexts = torch.stack(finals, dim=1)
     if return_all_layers:
         return contexts, [torch.stack(store, dim=1) for store in per_layer]
