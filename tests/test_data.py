@@ -159,3 +159,14 @@ def test_windows_never_cross_sequences():
     assert w[0]["input_ids"].tolist() == [1, 2, 3, 4] and w[0]["targets"].tolist() == [2, 3, 4, 5]
     assert w[1]["input_ids"].tolist() == [5, 0, 0, 0] and w[1]["targets"].tolist() == [-100] * 4
     assert w[2]["targets"].tolist() == [7, 8, -100, -100]
+
+
+def test_train_samples_keeps_the_validation_set_fixed(corpus):
+    full = TextDataModule(paths=[str(corpus)], sequences="samples", val_fraction=0.25)
+    few = TextDataModule(paths=[str(corpus)], sequences="samples", val_fraction=0.25, train_samples=7)
+    full.setup(), few.setup()
+    assert few.train_sequences.num_sequences == 7
+    assert torch.equal(few.train_sequences.ids, full.train_sequences.ids[: few.train_sequences.num_tokens])
+    assert torch.equal(few.val_sequences.ids, full.val_sequences.ids)  # the same validation text
+    with pytest.raises(CVFPUserError, match="only 30 samples for training"):
+        TextDataModule(paths=[str(corpus)], sequences="samples", val_fraction=0.25, train_samples=31).setup()

@@ -116,7 +116,7 @@ class FakeRunner:
         self.fail_on = fail_on
 
     def __call__(self, kind: str, args: list[str]) -> dict:
-        size = int(next(a for a in args if a.startswith("--data.init_args.num_samples=")).split("=")[1])
+        size = int(next(a for a in args if a.startswith("--data.init_args.train_samples=")).split("=")[1])
         logger = json.loads(args[-1].split("=", 1)[1])["init_args"]
         run = logger["version"]
         run_dir = Path(logger["save_dir"]) / logger["name"] / run
@@ -191,7 +191,7 @@ def test_overrides_reach_every_run_as_command_line_arguments(tmp_path, no_input_
     assert p1[:2] == ["--config", str(CONFIGS / "phase1.yaml")] and p2[:2] == ["--config", str(CONFIGS / "phase2.yaml")]
     for args in (p1, p2):
         assert "--data.init_args.max_seq_len=128" in args and "--data.init_args.paths=null" in args
-        assert "--data.init_args.num_samples=10" in args
+        assert "--data.init_args.train_samples=10" in args
     assert "--trainer.max_epochs=2" in p1 and "--trainer.max_epochs=2" not in p2
     assert "--model.init_args.lr=0.005" in p2
 
@@ -222,7 +222,7 @@ def test_baseline_overrides_may_set_the_baseline_size_themselves(tmp_path, no_in
     ("[20, 10]", "sizes=[20, 10] is not strictly increasing (20 then 10)"),
     ("[10, 10, 20]", "not strictly increasing (10 then 10)"),
     ("[0, 10]", "expected positive integers"),
-    ("[10, 80]", "size 80 is larger than the data (the source has only 79 samples)"),
+    ("[10, 80]", "size 80 is larger than the data (the source has only 71 samples)"),
 ])
 def test_bad_sizes_are_one_clear_error_before_any_training(tmp_path, capsys, sizes, message):
     with pytest.raises(SystemExit) as info:

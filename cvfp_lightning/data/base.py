@@ -58,6 +58,9 @@ class TokenDataModule(L.LightningDataModule):
         sequences: ``stream`` (all samples concatenated into one sequence, the seeds'
             layout) or ``samples`` (one sequence per sample; the context restarts at 0).
         num_samples: use only the first N samples (rows) of the source; None: all.
+        train_samples: after the split, train on only the first N training samples while the
+            validation samples stay the same (a fixed validation set across data sizes, as
+            the scaling experiment needs); None: all.
         val_fraction: share of samples held out for validation (the tail). With a single
             sample the tail tokens are held out instead.
         val_subset_of_train: the seed's option: validation is the tail of the training
@@ -74,7 +77,8 @@ class TokenDataModule(L.LightningDataModule):
     """
 
     def __init__(self, tokenizer: str | None = None, sequences: SequenceMode = "stream",
-                 num_samples: int | None = None, val_fraction: float = 0.1, val_subset_of_train: bool = False,
+                 num_samples: int | None = None, train_samples: int | None = None, val_fraction: float = 0.1,
+                 val_subset_of_train: bool = False,
                  max_seq_len: int | None = None, add_eos: bool = True, chunk_size: int = 4096,
                  batch_size: int = 16, seq_len: int = 128, num_workers: int = 0, cache_dir: str | None = None,
                  trust_remote_code: bool = False):
@@ -83,6 +87,8 @@ class TokenDataModule(L.LightningDataModule):
               f"data.sequences={sequences!r} is unknown: expected stream or samples.")
         if num_samples is not None:
             check_positive("data.num_samples", num_samples)
+        if train_samples is not None:
+            check_positive("data.train_samples", train_samples)
         check_fraction("data.val_fraction", val_fraction, closed=False)
         if max_seq_len is not None:
             check_positive("data.max_seq_len", max_seq_len)
@@ -90,7 +96,7 @@ class TokenDataModule(L.LightningDataModule):
             check_positive(f"data.{name}", value)
         check_positive("data.num_workers", num_workers, allow_zero=True)
         self.tokenizer_name = tokenizer
-        self.sequences, self.num_samples = sequences, num_samples
+        self.sequences, self.num_samples, self.train_samples = sequences, num_samples, train_samples
         self.val_fraction, self.val_subset_of_train = val_fraction, val_subset_of_train
         self.max_seq_len, self.add_eos = max_seq_len, add_eos
         self.chunk_size, self.batch_size, self.seq_len = chunk_size, batch_size, seq_len
@@ -181,6 +187,13 @@ class TokenDataModule(L.LightningDataModule):
         ids, lengths, nbytes = data["ids"].long(), data["lengths"].long(), data["nbytes"].long()
         samples = list(torch.split(ids, lengths.tolist()))
         train, val, train_bytes, val_bytes = self._split(samples, nbytes.tolist())
+        if self.train_samples is not None:
+            check(self.train_samples <= len(train),
+                  f"data.train_samples={self.train_samples} but the source has only {len(train)} samples for "
+                  "training after the validation split: lower it.")
+            train_bytes = round(train_bytes * sum(len(t) for t in train[: self.train_samples])
+                                / max(1, sum(len(t) for t in train)))
+            train = train[: self.train_samples]
         self.train_sequences = self._arrange(train, train_bytes)
         self.val_sequences = self._arrange(val, val_bytes)
         log.info("data: %d train tokens in %d sequences, %d val tokens in %d sequences",

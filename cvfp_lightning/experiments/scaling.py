@@ -1,10 +1,11 @@
 """The scaling-law experiment: ``cvfp scaling --config configs/scaling.yaml``.
 
-For every size N of ``sizes`` (sample counts, given to the runs as ``data.num_samples``),
+For every size N of ``sizes`` (training sample counts, given to the runs as
+``data.train_samples``: the validation samples stay the same at every size),
 smallest first, it trains through :class:`~cvfp_lightning.cli.CVFPCLI`, the code of
 ``cvfp fit`` (no second training loop):
 
-1. Phase 1: ``cvfp fit --config <phase1_config> --data.init_args.num_samples N ...``; its
+1. Phase 1: ``cvfp fit --config <phase1_config> --data.init_args.train_samples N ...``; its
    ``ContextCacheHandoff`` writes the context cache next to ``last.ckpt``;
 2. Phase 2: ``cvfp fit --config <phase2_config> --model.init_args.phase1_checkpoint
    <that last.ckpt> ...``, which reads the cache ("cache hit");
@@ -134,7 +135,7 @@ def build_parser():
         "log(PPL) = alpha * log(train tokens) + log(A). Paths in a config file are relative to that file."))
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML config, e.g. configs/scaling.yaml")
     parser.add_argument("--sizes", type=list[int], default=[10, 20, 40, 79],
-                        help="sample counts (data.num_samples), strictly increasing, at least 2")
+                        help="training sample counts (data.train_samples), strictly increasing, at least 2")
     parser.add_argument("--out_dir", type=str, default="lightning_logs/scaling",
                         help="where the results, the runs and the resume records go")
     parser.add_argument("--phase1_config", type=Path_fr, default=None, help="the Phase 1 config (cvfp fit)")
@@ -312,10 +313,11 @@ class ScalingExperiment:
         with _program_argv():
             cli = CVFPCLI(args=args, run=False)
         dm = cli.datamodule
-        check(hasattr(dm, "num_samples"), f"{self.s.phase1_config}: the data module {type(dm).__name__} has no "
-                                          "num_samples: cvfp scaling sizes are sample counts (data.num_samples).")
+        check(hasattr(dm, "train_samples"), f"{self.s.phase1_config}: the data module {type(dm).__name__} has no "
+                                            "train_samples: cvfp scaling sizes are training sample counts.")
         try:
             dm.prepare_data()
+            dm.setup()
         except CVFPUserError as exc:
             if "but the source has only" not in str(exc):
                 raise
@@ -334,7 +336,7 @@ class ScalingExperiment:
         """What defines a run (recorded, and compared on resume)."""
         own = {"phase1": self.s.phase1_overrides, "phase2": self.s.phase2_overrides}.get(run, self.s.baseline_overrides)
         extra = {"model.init_args.arch": run} if run in BASELINES else {}
-        return cli_args({**self.s.overrides, **own, **extra, "data.init_args.num_samples": size})
+        return cli_args({**self.s.overrides, **own, **extra, "data.init_args.train_samples": size})
 
     def _args(self, run: str, size: int, phase1_checkpoint: str | None = None, match_params: int | None = None):
         """``cvfp fit`` arguments; the last one is the logger (put in this size's folder)."""
