@@ -62,6 +62,19 @@ def run_cli(args: list[str]) -> None:
         sys.argv = old
 
 
+def cli_error(args: list[str], capsys) -> str:
+    """Run ``cvfp ARGS`` expecting a user error: exit code 2 and one stderr line, returned."""
+    import pytest
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run_cli(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """All TensorBoard scalars under ``log_dir``: ``{tag: [(step, value), ...]}``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

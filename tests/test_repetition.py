@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import CONFIGS, read_scalars, run_cli
+from conftest import CONFIGS, cli_error, read_scalars, run_cli
 from cvfp_lightning.data import RepeatedPhraseDataModule
 from cvfp_lightning.data.repetition import collate_repeated
 from cvfp_lightning.data.tokenizer import load_tokenizer
@@ -121,12 +121,9 @@ def test_stages_need_dataloaders_reloaded_every_epoch(tmp_path):
 
 
 def test_cli_exits_2_with_one_line_for_max_stage_0(tmp_path, capsys):
-    with pytest.raises(SystemExit) as info:
-        run_cli(["fit", "--config", str(CONFIGS / "repetition.yaml"), "--data.init_args.max_stage", "0",
-                 "--trainer.logger.init_args.save_dir", str(tmp_path)])
-    assert info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "data.max_stage=0" in err[0]
+    err = cli_error(["fit", "--config", str(CONFIGS / "repetition.yaml"), "--data.init_args.max_stage", "0",
+                     "--trainer.logger.init_args.save_dir", str(tmp_path)], capsys)
+    assert "data.max_stage=0" in err
 
 
 # ---- end to end ------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import CONFIGS, read_scalars, run_cli
+from conftest import CONFIGS, cli_error, read_scalars, run_cli
 from cvfp_lightning.data import TopKRoundRobinDataModule
 from cvfp_lightning.diagnostics import attractor_stats
 from cvfp_lightning.errors import CVFPUserError
@@ -147,12 +147,9 @@ def test_bad_input_is_one_clear_error(kwargs, message):
 
 
 def test_cli_exits_2_when_k_exceeds_the_vocabulary(tmp_path, capsys):
-    with pytest.raises(SystemExit) as info:
-        run_cli(["fit", "--config", str(CONFIGS / "topk_fair.yaml"), "--data.init_args.top_k", "5000",
-                 "--trainer.logger.init_args.save_dir", str(tmp_path)])
-    assert info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "lower top_k to at most 4096" in err[0]
+    err = cli_error(["fit", "--config", str(CONFIGS / "topk_fair.yaml"), "--data.init_args.top_k", "5000",
+                     "--trainer.logger.init_args.save_dir", str(tmp_path)], capsys)
+    assert "lower top_k to at most 4096" in err
 
 
 SMALL = ["--data.init_args.top_k", "4", "--data.init_args.repetitions", "8",

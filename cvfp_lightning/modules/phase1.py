@@ -126,6 +126,7 @@ class Phase1FixedPoint(L.LightningModule):
                                                  "spread": None, "noise_seed": None}
         self._new: dict[str, Tensor | None] = {"train": None, "val": None}
         self._iter_start = 0.0
+        self._iteration0_seconds = 0.0  # wall time of the sequential pass (0 when resumed)
         self._mid_iteration = False
 
     # ---- the model ---------------------------------------------------------------------
@@ -151,7 +152,7 @@ class Phase1FixedPoint(L.LightningModule):
                                 "cvfp_lightning.data.TextDataModule or similar) that provides train/val sequences.")
         return seqs
 
-    def _sequential(self, seqs) -> Tensor:
+    def _sequential(self, seqs) -> tuple[Tensor, float]:
         """Iteration 0: the sequential pass, split over DDP ranks by sequence, then summed."""
         start = time.perf_counter()
         with self.trainer.precision_plugin.forward_context():
