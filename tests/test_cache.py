@@ -55,7 +55,7 @@ def test_fingerprint_changes_with_weights_data_tokenizer_and_config():
     assert cache_components(emb, upd, FakeData(*DATA), cfg) == base  # deterministic
     changed_weight = copy.deepcopy(upd)
     with torch.no_grad():
-        changed_weight.linears[0].weight[0, 0] += 1e-6
+        changed_weight.linears[0].state.weight[0, 0] += 1e-6
     variants = {
         "phase1_weights": cache_components(emb, changed_weight, FakeData(*DATA), cfg),
         "train_tokens": cache_components(emb, upd, FakeData([[1, 2, 3, 4], [5, 6, 8]], DATA[1]), cfg),

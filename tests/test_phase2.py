@@ -37,7 +37,8 @@ def test_token_block_shapes_and_formula():
     assert block(contexts, e).shape == (4, 5, 6)
     t = e
     for c, lin, norm in zip(contexts, block.linears, block.norms):  # t_l = LN(t_{l-1} + ReLU(W[c_l; t_{l-1}] + b))
-        t = F.layer_norm(t + F.relu(F.linear(torch.cat([c, t], -1), lin.weight, lin.bias)), (6,), norm.weight,
+        w = torch.cat([lin.input.weight, lin.state.weight], dim=1)  # W_l over [c_l; t]
+        t = F.layer_norm(t + F.relu(F.linear(torch.cat([c, t], -1), w, lin.input.bias)), (6,), norm.weight,
                          norm.bias)
     torch.testing.assert_close(block(contexts, e), t)
     with pytest.raises(ValueError):
@@ -164,7 +165,7 @@ def _bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
     torch.save({"state_dict": {"net.weight": torch.zeros(2)}, "hyper_parameters": {"arch": "gru"}}, foreign)
     damaged = tmp_path / "damaged.ckpt"
     ckpt = torch.load(good, weights_only=True)
-    ckpt["state_dict"]["updater.linears.0.weight"] = torch.zeros(3, 3)
+    ckpt["state_dict"]["updater.linears.0.state.weight"] = torch.zeros(3, 3)
     torch.save(ckpt, damaged)
     return {"good": good, "garbage": garbage, "foreign": foreign, "damaged": damaged}
 

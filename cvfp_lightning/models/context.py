@@ -24,6 +24,11 @@ Updaters (``ContextConfig.updater``):
     a deep FNN (``num_layers`` Linear+ReLU) then one gated update; ``layerwise``: one
     Linear+ReLU and one gated update in every layer.
 ``simple`` (repetition document). ``c <- clamp(LN(tanh(W FNN([e; c]))), -10, 10)``.
+
+Every Linear over a concatenation with the token is a
+:class:`~cvfp_lightning.models.layers.ConcatLinear` (``W [x; e] + b = W_x x + (W_e e + b)``):
+the same function, no concatenated copy, no gradient for a frozen embedding, and the token's
+share computed once per position (:meth:`ContextUpdater.token_terms`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvfp_lightning.errors import ConfigMixin, check, check_positive
+from cvfp_lightning.models.layers import ConcatLinear
 
 UpdaterName = Literal["residual", "gated", "simple"]
 Stacking = Literal["sequential", "layerwise"]
@@ -86,23 +92,6 @@ def _init_linear(layer: nn.Linear, init_std: float, bias_std: float) -> None:
         nn.init.normal_(layer.bias, 0.0, bias_std)
 
 
-def _token_term(lin: nn.Linear, token_embed: Tensor, token_first: bool) -> Tensor:
-    """The token's share ``W_e e + b`` of a Linear over ``[e; x]`` (or ``[x; e]``)."""
-    E = token_embed.shape[-1]
-    w_e = lin.weight[:, :E] if token_first else lin.weight[:, lin.in_features - E:]
-    return F.linear(token_embed, w_e, lin.bias)
-
-
-def _split_linear(lin: nn.Linear, x: Tensor, token_embed: Tensor, term: Tensor | None, token_first: bool) -> Tensor:
-    """``lin([e; x])`` (or ``lin([x; e])``); with the precomputed ``term = W_e e + b`` only
-    ``W_x x`` is computed per step, which halves the sequential pass's weight reads."""
-    if term is None:
-        return lin(torch.cat([token_embed, x] if token_first else [x, token_embed], dim=-1))
-    E = token_embed.shape[-1]
-    w_x = lin.weight[:, E:] if token_first else lin.weight[:, : lin.in_features - E]
-    return term + F.linear(x, w_x)
-
-
 class ContextUpdater(nn.Module):
     """Base class of the context blocks.
 
@@ -123,34 +112,35 @@ class ContextUpdater(nn.Module):
 
         With ``return_all_layers`` also return the list of every layer's output
         (``(..., layer_dims[l])`` each); the last one is the new context.
-        ``token_terms``: this step's slice of :meth:`token_terms` (the token's share of
-        every Linear that sees the token), precomputed for many positions at once by a
-        sequential pass; the result is the same function of (context, token).
+        ``token_terms``: :meth:`token_terms` of ``token_embed`` (the token's share of every
+        layer that sees the token), when the caller computed it for many positions or steps
+        at once (a sequential pass, a fixed-point solve); the result is the same function of
+        (context, token), and each call then multiplies only the context.
         """
         if context.shape[-1] != self.context_dim or token_embed.shape[-1] != self.embed_dim:
             raise ValueError(
                 f"update_context_one_step got context {tuple(context.shape)} and token_embed "
                 f"{tuple(token_embed.shape)}; expected last dims {self.context_dim} and {self.embed_dim}.")
-        layers = self._layers(context, token_embed, token_terms)
+        terms = self.token_terms(token_embed) if token_terms is None else token_terms
+        layers = self._layers(context, token_embed, terms)
         return (layers[-1], layers) if return_all_layers else layers[-1]
 
     def forward(self, context: Tensor, token_embed: Tensor) -> Tensor:
         return self.update_context_one_step(context, token_embed)
 
     def token_terms(self, token_embed: Tensor) -> list[Tensor]:
-        """``W_e e + b`` of every Linear that sees the token: ``(..., E) -> [(..., out_k)]``."""
-        return [_token_term(lin, token_embed, first) for lin, first in self._token_linears()]
+        """``W_e e + b`` of every layer that sees the token: ``(..., E) -> [(..., out_k)]``."""
+        return [lin.input_term(token_embed) for lin in self._token_linears()]
 
     def token_terms_width(self) -> int:
         """Floats per position that :meth:`token_terms` returns (to size blocks of steps)."""
-        return sum(lin.out_features for lin, _ in self._token_linears())
+        return sum(lin.out_features for lin in self._token_linears())
 
-    def _token_linears(self) -> list[tuple[nn.Linear, bool]]:  # pragma: no cover
-        """The Linears whose input contains the token, with ``token_first`` (``[e; x]``)."""
+    def _token_linears(self) -> list[ConcatLinear]:  # pragma: no cover
+        """The layers whose input contains the token (``[x; e]``), in :meth:`token_terms` order."""
         raise NotImplementedError
 
-    def _layers(self, context: Tensor, token_embed: Tensor,
-                terms: list[Tensor] | None = None) -> list[Tensor]:  # pragma: no cover
+    def _layers(self, context: Tensor, token_embed: Tensor, terms: list[Tensor]) -> list[Tensor]:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -162,46 +152,42 @@ class ResidualContextBlock(ContextUpdater):
         self.context_dim, self.embed_dim = cfg.context_dim, embed_dim
         self.token_input_all_layers = cfg.token_input_all_layers
         D, E, L = cfg.context_dim, embed_dim, cfg.num_layers
-        if cfg.token_input_all_layers:
-            in_dims, out_dims = [D + E] * L, [D] * L
+        if cfg.token_input_all_layers:  # every layer: W [x; e] + b, x of width D
+            out_dims = [D] * L
+            self.linears = nn.ModuleList([ConcatLinear(D, E, D) for _ in range(L)])
             self.residuals = nn.ModuleList([nn.Identity() for _ in range(L)])
-        else:
+        else:  # layer 0 over [c; e], then plain layers of shrinking width
             start = D + E
             widths = [round(start + (D - start) * l / L) for l in range(L + 1)]
             in_dims, out_dims = widths[:-1], widths[1:]
-            self.residuals = nn.ModuleList(
-                [nn.Identity() if i == o else nn.Linear(i, o, bias=False) for i, o in zip(in_dims, out_dims)])
-        self.linears = nn.ModuleList([nn.Linear(i, o) for i, o in zip(in_dims, out_dims)])
+            first_res: nn.Module = nn.Identity() if out_dims[0] == start else ConcatLinear(D, E, out_dims[0], bias=False)
+            self.linears = nn.ModuleList([ConcatLinear(D, E, out_dims[0])]
+                                         + [nn.Linear(i, o) for i, o in zip(in_dims[1:], out_dims[1:])])
+            self.residuals = nn.ModuleList([first_res] + [nn.Identity() if i == o else nn.Linear(i, o, bias=False)
+                                                          for i, o in zip(in_dims[1:], out_dims[1:])])
         self.norms = nn.ModuleList([nn.LayerNorm(o) for o in out_dims])
         self.layer_dims = list(out_dims)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 _init_linear(module, cfg.init_std, cfg.bias_std)
 
-    def _token_linears(self) -> list[tuple[nn.Linear, bool]]:
+    def _token_linears(self) -> list[ConcatLinear]:
         if self.token_input_all_layers:
-            return [(lin, False) for lin in self.linears]
-        first = [(self.linears[0], False)]
-        if isinstance(self.residuals[0], nn.Linear):
-            first.append((self.residuals[0], False))
-        return first
+            return list(self.linears)
+        return [self.linears[0]] + ([self.residuals[0]] if isinstance(self.residuals[0], ConcatLinear) else [])
 
-    def _layers(self, context: Tensor, token_embed: Tensor, terms: list[Tensor] | None = None) -> list[Tensor]:
+    def _layers(self, context: Tensor, token_embed: Tensor, terms: list[Tensor]) -> list[Tensor]:
         outputs = []
         if self.token_input_all_layers:
             x = context
-            for l, (res, lin, norm) in enumerate(zip(self.residuals, self.linears, self.norms)):
-                pre = _split_linear(lin, x, token_embed, None if terms is None else terms[l], token_first=False)
-                x = norm(res(x) + F.relu(pre))
+            for term, lin, norm in zip(terms, self.linears, self.norms):
+                x = norm(x + F.relu(lin(x, term)))
                 outputs.append(x)
             return outputs
         for l, (res, lin, norm) in enumerate(zip(self.residuals, self.linears, self.norms)):
             if l == 0:  # only layer 0 sees the token: its input is [c; e]
-                pre = _split_linear(lin, context, token_embed, None if terms is None else terms[0], False)
-                if isinstance(res, nn.Linear):
-                    skip = _split_linear(res, context, token_embed, None if terms is None else terms[1], False)
-                else:
-                    skip = torch.cat([context, token_embed], dim=-1)
+                pre = lin(context, terms[0])
+                skip = res(context, terms[1]) if isinstance(res, ConcatLinear) else torch.cat([context, token_embed], -1)
                 x = norm(skip + F.relu(pre))
             else:
                 x = norm(res(x) + F.relu(lin(x)))
@@ -230,58 +216,65 @@ def _fnn(in_dim: int, hidden_dim: int, depth: int) -> nn.Sequential:
 
 
 class GatedContextBlock(ContextUpdater):
-    """``gated`` updater with ``sequential`` or ``layerwise`` stacking."""
+    """``gated`` updater with ``sequential`` or ``layerwise`` stacking.
+
+    Each gated update ``l`` has an input layer ``ReLU(W [c; e] + b)`` (``inputs[l]``), then
+    ``hiddens[l]`` (the rest of the FNN: ``num_layers - 1`` Linear+ReLU for ``sequential``,
+    none for ``layerwise``), then :class:`GatedUpdate`.
+    """
 
     def __init__(self, cfg: ContextConfig, embed_dim: int):
         super().__init__()
         self.context_dim, self.embed_dim = cfg.context_dim, embed_dim
         D, E, H, L = cfg.context_dim, embed_dim, cfg.hidden_dim, cfg.num_layers
         self.stacking = cfg.stacking
-        if cfg.stacking == "sequential":
-            self.fnns = nn.ModuleList([_fnn(E + D, H, L)])
-            self.updates = nn.ModuleList([GatedUpdate(H, D)])
-        else:
-            self.fnns = nn.ModuleList([_fnn(E + D, H, 1) for _ in range(L)])
-            self.updates = nn.ModuleList([GatedUpdate(H, D) for _ in range(L)])
-        self.layer_dims = [D] * len(self.updates)
+        updates, depth = (1, L) if cfg.stacking == "sequential" else (L, 1)
+        self.inputs = nn.ModuleList([ConcatLinear(D, E, H) for _ in range(updates)])
+        self.hiddens = nn.ModuleList([_fnn(H, H, depth - 1) for _ in range(updates)])
+        self.updates = nn.ModuleList([GatedUpdate(H, D) for _ in range(updates)])
+        self.layer_dims = [D] * updates
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 _init_linear(module, cfg.init_std, cfg.bias_std)
 
-    def _token_linears(self) -> list[tuple[nn.Linear, bool]]:
-        return [(fnn[0], True) for fnn in self.fnns]
+    def _token_linears(self) -> list[ConcatLinear]:
+        return list(self.inputs)
 
-    def _layers(self, context: Tensor, token_embed: Tensor, terms: list[Tensor] | None = None) -> list[Tensor]:
+    def _layers(self, context: Tensor, token_embed: Tensor, terms: list[Tensor]) -> list[Tensor]:
         outputs = []
-        for l, (fnn, update) in enumerate(zip(self.fnns, self.updates)):
-            h = _split_linear(fnn[0], context, token_embed, None if terms is None else terms[l], token_first=True)
-            context = update(fnn[2:](F.relu(h)), context)  # fnn[1] is the ReLU
+        for term, inp, hidden, update in zip(terms, self.inputs, self.hiddens, self.updates):
+            context = update(hidden(F.relu(inp(context, term))), context)
             outputs.append(context)
         return outputs
 
 
 class SimpleContextBlock(ContextUpdater):
-    """``simple`` updater: ``clamp(LN(tanh(W FNN([e; c]))), -10, 10)``."""
+    """``simple`` updater: ``clamp(LN(tanh(W FNN([e; c]))), -10, 10)``.
+
+    The FNN is ``input`` (``ReLU(W [c; e] + b)``) then ``hidden`` (``num_layers - 1``
+    Linear+ReLU).
+    """
 
     CLAMP = 10.0
 
     def __init__(self, cfg: ContextConfig, embed_dim: int):
         super().__init__()
         self.context_dim, self.embed_dim = cfg.context_dim, embed_dim
-        self.fnn = _fnn(embed_dim + cfg.context_dim, cfg.hidden_dim, cfg.num_layers)
-        self.out = nn.Linear(cfg.hidden_dim, cfg.context_dim)
+        H = cfg.hidden_dim
+        self.input = ConcatLinear(cfg.context_dim, embed_dim, H)
+        self.hidden = _fnn(H, H, cfg.num_layers - 1)
+        self.out = nn.Linear(H, cfg.context_dim)
         self.norm = nn.LayerNorm(cfg.context_dim)
         self.layer_dims = [cfg.context_dim]
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 _init_linear(module, cfg.init_std, cfg.bias_std)
 
-    def _token_linears(self) -> list[tuple[nn.Linear, bool]]:
-        return [(self.fnn[0], True)]
+    def _token_linears(self) -> list[ConcatLinear]:
+        return [self.input]
 
-    def _layers(self, context: Tensor, token_embed: Tensor, terms: list[Tensor] | None = None) -> list[Tensor]:
-        h = _split_linear(self.fnn[0], context, token_embed, None if terms is None else terms[0], token_first=True)
-        h = self.fnn[2:](F.relu(h))  # fnn[1] is the ReLU
+    def _layers(self, context: Tensor, token_embed: Tensor, terms: list[Tensor]) -> list[Tensor]:
+        h = self.hidden(F.relu(self.input(context, terms[0])))
         return [torch.clamp(self.norm(torch.tanh(self.out(h))), -self.CLAMP, self.CLAMP)]
 
 

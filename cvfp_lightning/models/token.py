@@ -12,11 +12,11 @@ wide, so the output can feed a head tied to the embedding matrix.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvfp_lightning.errors import check, check_positive
+from cvfp_lightning.models.layers import ConcatLinear
 
 
 class TokenBlock(nn.Module):
@@ -32,7 +32,8 @@ class TokenBlock(nn.Module):
         check(len(context_dims) > 0, "the token block needs at least one context layer.")
         check_positive("embed_dim", embed_dim)
         self.context_dims, self.embed_dim = list(context_dims), embed_dim
-        self.linears = nn.ModuleList([nn.Linear(d + embed_dim, embed_dim) for d in context_dims])
+        # W_l [c_l; t] + b_l as W_t t + (W_c c_l + b_l): no gradient is computed for the frozen contexts
+        self.linears = nn.ModuleList([ConcatLinear(embed_dim, d, embed_dim) for d in context_dims])
         self.norms = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in context_dims])
 
     @property
@@ -44,5 +45,5 @@ class TokenBlock(nn.Module):
             raise ValueError(f"TokenBlock got {len(contexts)} context layers, expected {self.num_layers}.")
         t = token_embed  # (..., E)
         for c, lin, norm in zip(contexts, self.linears, self.norms):
-            t = norm(t + F.relu(lin(torch.cat([c.to(t.dtype), t], dim=-1))))  # (..., E)
+            t = norm(t + F.relu(lin(t, lin.input_term(c.to(t.dtype)))))  # (..., E)
         return t
