@@ -38,7 +38,9 @@ def main() -> None:
     from cvfp_lightning.data import TextDataModule
     from cvfp_lightning.models.baselines import count_trainable
     from cvfp_lightning.modules import BaselineLM, Phase1FixedPoint, Phase2LM
+    from cvfp_lightning.runtime import tune_cpu_allocator
 
+    tune_cpu_allocator()  # off with CVFP_MALLOC_TUNING=0
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     tmp = Path(tempfile.mkdtemp())
     L.seed_everything(42, verbose=False)

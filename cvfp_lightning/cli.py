@@ -24,6 +24,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgre
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cvfp_lightning.errors import CVFPUserError
+from cvfp_lightning.runtime import tune_cpu_allocator
+
 
 def _flatten(d, prefix: str = "") -> dict:
     out = {}
@@ -241,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         debug = True
     CVFPArgumentParser.debug = debug
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    tune_cpu_allocator()
     try:
         if argv and argv[0] == "scaling":
             from cvfp_lightning.experiments.scaling import main as scaling_main

@@ -32,6 +32,7 @@ from cvfp_lightning.data.text import SyntheticTokensDataModule
 from cvfp_lightning.errors import CVFPUserError, check
 from cvfp_lightning.io import atomic_write_text
 from cvfp_lightning.modules.phase1 import Phase1FixedPoint
+from cvfp_lightning.runtime import tune_cpu_allocator
 
 ARCHITECTURES = ("sequential", "layerwise")
 COLUMNS = ["tokens", "architecture", "convergence_rate", "mean_iterations", "train_convergence_rate", "seconds"]
@@ -124,6 +125,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    tune_cpu_allocator()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     rows = []
