@@ -3,7 +3,8 @@
 ``sequential_pass`` runs ``c_t = f(c_{t-1}, e_t)`` from ``c = 0`` over every sequence of a
 :class:`~cvfp_lightning.data.sequences.TokenSequences`, many sequences at once: sequences
 are sorted by length and processed ``batch_size`` at a time, so per-sample data gets one
-update call per time step for the whole batch (the only per-token Python overhead). The
+update call per time step for the whole batch (the only per-token Python overhead), and a
+sequence that has ended leaves the batch (no step is computed for padding). The
 token's share of every Linear (``W_e e + b``) is computed for a block of steps in one
 matrix product (:meth:`ContextUpdater.token_terms`), so each step multiplies only the
 context: half the weight reads of the memory-bound step.
@@ -41,29 +42,28 @@ def sequential_pass(updater: ContextUpdater, embedding: TokenEmbedding, seqs: To
     mine = mine[(mine % world_size == rank) & (lengths[mine] > 0)]
     order = mine[torch.argsort(lengths[mine], descending=True, stable=True)]
     for b in range(0, len(order), batch_size):
-        group = order[b:b + batch_size]
+        group = order[b:b + batch_size]  # lengths descending: the rows still running are a prefix
         ids, lens = seqs.padded(group)
         ids = ids.to(device)
         B, T = ids.shape
-        # flat target index of (row, t); padded steps point past the end and are dropped
-        flat = seqs.offsets[group].unsqueeze(1) + torch.arange(T).unsqueeze(0)
-        valid = torch.arange(T).unsqueeze(0) < lens.unsqueeze(1)
+        starts = seqs.offsets[group].to(device)
         context = torch.zeros(B, updater.context_dim, device=device)
         block = max(1, min(MAX_BLOCK, BLOCK_FLOATS // max(1, B * updater.token_terms_width())))
-        for t0 in range(0, T, block):
-            t1 = min(t0 + block, T)
-            embeds = embedding(ids[:, t0:t1])  # (B, t1-t0, E)
+        t0 = 0
+        while t0 < T:
+            rows = int((lens > t0).sum())  # sequences longer than t0
+            t1 = min(t0 + block, int(lens[rows - 1]))  # no row of the block ends before t1
+            embeds = embedding(ids[:rows, t0:t1])  # (rows, t1-t0, E)
             if return_all_layers:
-                steps, layer_steps = unroll(updater, embeds, context, return_all_layers=True)
+                steps, layer_steps = unroll(updater, embeds, context[:rows], return_all_layers=True)
             else:
-                steps, layer_steps = unroll(updater, embeds, context), []
+                steps, layer_steps = unroll(updater, embeds, context[:rows]), []
             context = steps[:, -1]
-            block_valid = valid[:, t0:t1]
-            idx = flat[:, t0:t1][block_valid].to(device)
-            mask = block_valid.to(device)
-            out[idx] = steps[mask].to(out_dtype)
+            idx = (starts[:rows].unsqueeze(1) + torch.arange(t0, t1, device=device)).reshape(-1)
+            out[idx] = steps.reshape(-1, steps.shape[-1]).to(out_dtype)
             for layer_block, layer_buf in zip(layer_steps, layers_out):
-                layer_buf[idx] = layer_block[mask].to(out_dtype)
+                layer_buf[idx] = layer_block.reshape(-1, layer_block.shape[-1]).to(out_dtype)
+            t0 = t1
     return (out, layers_out) if return_all_layers else out
 
 

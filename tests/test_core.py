@@ -15,6 +15,7 @@ from cvfp_lightning.errors import CVFPUserError
 from cvfp_lightning.losses import cvfp_loss, cyclic_convergence_loss, diversity_loss, diversity_surrogate
 from cvfp_lightning.metrics import ConvergenceRate, EffectiveRank, effective_rank
 from cvfp_lightning.models import ContextConfig, ContextUpdater, build_context_updater, build_embedding, unroll
+from cvfp_lightning.models.layers import ConcatLinear
 from cvfp_lightning.passes import sequential_pass, shifted_inputs
 from cvfp_lightning.solvers import anderson, fixed_point_iter, jacobian_spectral_norm, per_dim_mse
 
@@ -120,6 +121,24 @@ def test_updater_shapes(cfg, layer_dims):
     assert step.shape == (2, 16)
 
 
+@pytest.mark.parametrize("shape", [(7,), (3, 5)])
+def test_concat_linear_is_a_linear_over_the_concatenation(shape):
+    torch.manual_seed(0)
+    lin = ConcatLinear(state_dim=6, input_dim=4, out_dim=5)
+    x = torch.randn(*shape, 6, requires_grad=True)
+    u = torch.randn(*shape, 4)  # frozen input: no gradient wanted
+    w = torch.cat([lin.state.weight, lin.input.weight], dim=1)  # W over [x; u]
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.linear(torch.cat([x_ref, u], -1), w, lin.input.bias)
+    out = lin(x, lin.input_term(u))
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert lin.state.weight.grad.shape == (5, 6) and lin.input.bias.grad.shape == (5,)
+    assert u.grad is None
+
+
 def test_residual_false_widths_shrink_arithmetically():
     upd = build_context_updater(ContextConfig(context_dim=768, num_layers=6, token_input_all_layers=False), 768)
     assert upd.layer_dims == [1408, 1280, 1152, 1024, 896, 768]
@@ -154,6 +173,46 @@ def test_sequential_pass_matches_unroll_and_batches_sequences():
     torch.testing.assert_close(parts, ctx)
     ctx_all, layers = sequential_pass(upd, emb, seqs, return_all_layers=True)
     torch.testing.assert_close(layers[-1], ctx_all)
+
+
+def test_sequential_pass_computes_no_padding_steps(monkeypatch):
+    """Sequences of many lengths (and an empty one), small blocks: every position is computed
+    once, from its own sequence's history, and ended sequences leave the batch."""
+    import cvfp_lightning.passes as passes
+
+    torch.manual_seed(0)
+    upd = build_context_updater(ContextConfig(context_dim=8, num_layers=2), 8)
+    emb = build_embedding(30, {"embed_dim": 8}, 8)
+    lists = [[1, 2, 3, 4, 5, 6, 7], [], [8, 9], [10, 11, 12, 13, 14], [15], [16, 17, 18, 19, 20, 21, 22, 23, 24]]
+    seqs = TokenSequences.from_lists(lists)
+    rows = []
+    step = type(upd).update_context_one_step
+
+    def counting_step(self, context, *args, **kwargs):
+        rows.append(context.shape[0])
+        return step(self, context, *args, **kwargs)
+
+    monkeypatch.setattr(passes, "MAX_BLOCK", 3)
+    monkeypatch.setattr(type(upd), "update_context_one_step", counting_step)
+    ctx, layers = sequential_pass(upd, emb, seqs, batch_size=4, return_all_layers=True)
+    assert sum(rows) == seqs.num_tokens  # one update per real position, none for padding
+    monkeypatch.undo()
+    for s, ids in enumerate(lists):
+        if ids:
+            ref, ref_layers = unroll(upd, emb(torch.tensor([ids])), return_all_layers=True)
+            a, b = int(seqs.offsets[s]), int(seqs.offsets[s + 1])
+            torch.testing.assert_close(ctx[a:b], ref[0])
+            for got, want in zip(layers, ref_layers):
+                torch.testing.assert_close(got[a:b], want[0])
+
+
+def test_token_sequences_concat_keeps_every_sequence():
+    a = TokenSequences.from_lists([[1, 2], [3]], num_bytes=5)
+    b = TokenSequences.from_lists([[4, 5, 6], [], [7]], num_bytes=4)
+    both = TokenSequences.concat([a, b])
+    assert both.ids.tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert [both.sequence(s).tolist() for s in range(both.num_sequences)] == [[1, 2], [3], [4, 5, 6], [], [7]]
+    assert both.num_bytes == 9
 
 
 def test_fixed_point_iteration_and_anderson_on_a_contraction():

@@ -117,3 +117,37 @@ def test_checkpoint_carries_state_and_loads_for_inference(tmp_path):
     assert torch.equal(model.contexts("val"), state["val_prev"])
     assert state["train_prev"].shape[1] == 32 and torch.isfinite(state["train_prev"]).all()
     assert isinstance(state["noise_seed"], int)
+
+
+@pytest.mark.parametrize("sequences", ["stream", "samples"])
+def test_iteration0_passes_train_and_validation_together(sequences):
+    """One sequential pass over train + validation gives each split its own pass's contexts."""
+    import lightning as L
+
+    from cvfp_lightning.data import SyntheticTokensDataModule
+    from cvfp_lightning.passes import sequential_pass
+
+    L.seed_everything(0, verbose=False)
+    dm = SyntheticTokensDataModule(vocab_size=50, num_tokens=300, val_tokens=70, seed=1, sequences=sequences,
+                                   max_seq_len=40 if sequences == "samples" else None)
+    model = Phase1FixedPoint(vocab_size=50, context={"context_dim": 16, "num_layers": 2},
+                             embedding={"embed_dim": 16})
+    seen = {}
+
+    class Capture(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.update({k: pl_module._state[f"{k}_prev"].clone() for k in ("train", "val")})
+
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[Capture()])
+    trainer.fit(model, dm)
+    assert model._iteration0_tokens == 300 + 70
+    # iteration 0 ran with the initial weights: rebuild them from the same seed
+    L.seed_everything(0, verbose=False)
+    fresh = Phase1FixedPoint(vocab_size=50, context={"context_dim": 16, "num_layers": 2}, embedding={"embed_dim": 16})
+    for split in ("train", "val"):
+        seqs = getattr(dm, f"{split}_sequences")
+        want = sequential_pass(fresh.updater, fresh.embedding, seqs)
+        assert seen[split].shape == want.shape
+        torch.testing.assert_close(seen[split], want)

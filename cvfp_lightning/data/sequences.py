@@ -82,6 +82,16 @@ class TokenSequences:
         t[ends] = IGNORE_INDEX
         return t
 
+    @classmethod
+    def concat(cls, parts: list["TokenSequences"]) -> "TokenSequences":
+        """The sequences of all ``parts`` in order (positions of part k follow those of part k-1)."""
+        ids = torch.cat([p.ids for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
+        offsets, base = [torch.zeros(1, dtype=torch.long)], 0
+        for p in parts:
+            offsets.append(p.offsets[1:] + base)
+            base += p.num_tokens
+        return cls(ids, torch.cat(offsets), sum(p.num_bytes for p in parts))
+
     def as_stream(self) -> "TokenSequences":
         """All sequences concatenated into one (S = 1)."""
         return TokenSequences(self.ids, torch.tensor([0, self.num_tokens]), self.num_bytes)

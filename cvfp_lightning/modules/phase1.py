@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from cvfp_lightning.data.sequences import TokenSequences
 from cvfp_lightning.errors import CVFPUserError, check, check_fraction, check_positive
 from cvfp_lightning.losses import diversity_loss, diversity_surrogate
 from cvfp_lightning.metrics import ConvergenceRate, EffectiveRank
@@ -127,6 +128,7 @@ class Phase1FixedPoint(L.LightningModule):
         self._new: dict[str, Tensor | None] = {"train": None, "val": None}
         self._iter_start = 0.0
         self._iteration0_seconds = 0.0  # wall time of the sequential pass (0 when resumed)
+        self._iteration0_tokens = 0  # tokens of that pass (train, and validation when this fit validates)
         self._mid_iteration = False
 
     # ---- the model ---------------------------------------------------------------------
@@ -154,6 +156,7 @@ class Phase1FixedPoint(L.LightningModule):
 
     def _sequential(self, seqs) -> tuple[Tensor, float]:
         """Iteration 0: the sequential pass, split over DDP ranks by sequence, then summed."""
+        self._iteration0_tokens = seqs.num_tokens
         start = time.perf_counter()
         with self.trainer.precision_plugin.forward_context():
             ctx = sequential_pass(self.updater, self.embedding, seqs, self.hparams.seq_batch_size,
@@ -201,12 +204,24 @@ class Phase1FixedPoint(L.LightningModule):
                 if self._state[key] is not None:
                     self._state[key] = self._state[key].to(self.device)
             return
-        prev, seconds = self._sequential(seqs)
+        val = self._validation_sequences_of_fit()
+        if val is None:
+            prev, seconds = self._sequential(seqs)
+        else:  # one pass over train and validation sequences together: their steps share the products
+            both, seconds = self._sequential(TokenSequences.concat([seqs, val]))
+            prev, self._state["val_prev"] = both[:seqs.num_tokens].clone(), both[seqs.num_tokens:].clone()
         self._state["train_prev"] = prev
         self._set_global_stats(prev)
         for logger in self.loggers:
             logger.log_metrics({"time/iteration0_s": seconds}, step=0)
         self._iteration0_seconds = seconds
+
+    def _validation_sequences_of_fit(self):
+        """The validation sequences when this fit validates and has no validation contexts yet."""
+        if self._state["val_prev"] is not None or not self.trainer.limit_val_batches:
+            return None
+        seqs = getattr(getattr(self.trainer, "datamodule", None), "val_sequences", None)
+        return seqs if seqs is not None and seqs.num_tokens else None
 
     def on_train_epoch_start(self) -> None:
         self._iter_start = time.perf_counter()
