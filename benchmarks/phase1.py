@@ -12,8 +12,11 @@ Each run is a fresh subprocess (so peak RSS is the run's own); the table reports
     python benchmarks/phase1.py --modes stream --all-layers true --runs 1
 
 Bounds measured in the same process: ``torch.matmul`` GFLOP/s at the parallel iteration's
-GEMM shape (fp32 and bf16), and read bandwidth (sum of a 512 MB tensor) for the
-sequential step, whose weight bytes per step are what a batch-1 step must read.
+GEMM shapes (fp32 and bf16; iteration FLOPs counted as 3 x forward), and read bandwidth
+for the sequential step, whose weight bytes per step are what a batch-1 step must read:
+from L3 (a 32 MB tensor; the weights, 14 to 28 MB, stay in this CPU's 260 MB L3) and from
+DRAM (512 MB). The compute bound of a batched sequential pass is matmul GFLOP/s over the
+forward FLOPs per token.
 """
 
 from __future__ import annotations
@@ -91,30 +94,41 @@ def bounds(all_layers: bool) -> dict:
     """matmul GFLOP/s at the iteration's GEMM shape, bandwidth, and the model's FLOPs/bytes."""
     import torch
 
+    from cvfp_lightning.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as in the runs (off with CVFP_MALLOC_TUNING=0)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     D, E, L, N = 768, 768, 6, 6400
 
-    def gflops(dtype) -> float:
-        a, b = torch.randn(N, D + E, dtype=dtype), torch.randn(D + E, D, dtype=dtype)
+    def gflops(dtype, k: int) -> float:
+        a, b = torch.randn(N, k, dtype=dtype), torch.randn(k, D, dtype=dtype)
         a @ b
-        best = min(_timed(lambda: a @ b) for _ in range(5))
-        return 2 * N * (D + E) * D / best / 1e9
+        best = min(_timed(lambda: a @ b) for _ in range(10))
+        return 2 * N * k * D / best / 1e9
 
-    x = torch.randn(128 * 1024 * 1024)  # 512 MB
-    x.sum()
-    bw = x.numel() * 4 / min(_timed(x.sum) for _ in range(5)) / 1e9
+    def read_gbs(mb: int) -> float:
+        x = torch.randn(mb * 1024 * 1024 // 4)
+        x.sum()
+        return x.numel() * 4 / min(_timed(x.sum) for _ in range(10)) / 1e9
+
+    bw_dram, bw_cache = read_gbs(512), read_gbs(32)  # 32 MB stays in this CPU's L3, like the weights
     if all_layers:
-        shapes = [(D + E, D)] * L
-        step_weights = [(D, D)] * L
+        shapes = [(D + E, D)] * L  # Linear over [x; e]
+        step_weights = [(D, D)] * L  # a step reads only W_x (the token's share is precomputed)
     else:
         w = [round(D + E + (D - D - E) * l / L) for l in range(L + 1)]
-        shapes = [(w[l], w[l + 1]) for l in range(L)] + [(D + E, w[1])]  # + layer 0's residual Linear
-        step_weights = [(D, w[1]), (D, w[1])] + [(w[l], w[l + 1]) for l in range(1, L)]
+        # every layer has a Linear and, its widths differing, a bias-free residual Linear of the same shape
+        shapes = [(w[l], w[l + 1]) for l in range(L)] * 2
+        step_weights = [(D, w[1])] * 2 + [(w[l], w[l + 1]) for l in range(1, L)] * 2
     fwd_flops_per_token = sum(2 * i * o for i, o in shapes)
     step_bytes = sum(4 * i * o for i, o in step_weights)
-    return {"matmul_gflops_fp32": gflops(torch.float32), "matmul_gflops_bf16": gflops(torch.bfloat16),
-            "read_bandwidth_gbs": bw, "train_flops_per_iteration": 3 * fwd_flops_per_token * N,
-            "step_weight_bytes": step_bytes, "step_bound_ms": step_bytes / (bw * 1e9) * 1e3}
+    # the bound: the faster of the layer's GEMM over [x; e] (K = D + E) and its halves (K = D)
+    return {"matmul_gflops_fp32": max(gflops(torch.float32, D + E), gflops(torch.float32, D)),
+            "matmul_gflops_bf16": max(gflops(torch.bfloat16, D + E), gflops(torch.bfloat16, D)),
+            "fwd_flops_per_token": fwd_flops_per_token,
+            "read_bandwidth_gbs": bw_dram, "read_bandwidth_cache_gbs": bw_cache,
+            "train_flops_per_iteration": 3 * fwd_flops_per_token * N, "step_weight_bytes": step_bytes,
+            "step_bound_ms": step_bytes / (bw_cache * 1e9) * 1e3, "step_bound_dram_ms": step_bytes / (bw_dram * 1e9) * 1e3}
 
 
 def _timed(fn) -> float:
@@ -172,14 +186,17 @@ def main() -> None:
             achieved = b["train_flops_per_iteration"] / med["iter_s_median"] / 1e9
             bound = b["matmul_gflops_bf16" if mode == "bf16" else "matmul_gflops_fp32"]
             seq_ms = med["seq_step_ms"]
+            seq_bound_tps = bound * 1e9 / b["fwd_flops_per_token"]  # compute bound of a batched pass
             row = {"mode": mode, "token_input_all_layers": flag == "true", "runs": runs, "median": med,
                    "iteration_gflops": achieved, "matmul_gflops": bound, "iteration_pct_of_matmul": 100 * achieved / bound,
-                   "seq_step_ms": seq_ms, "seq_step_bound_ms": b["step_bound_ms"], "bounds": b}
+                   "seq_step_ms": seq_ms, "seq_step_bound_ms": b["step_bound_ms"],
+                   "seq_tokens_per_s_compute_bound": seq_bound_tps, "bounds": b}
             report["results"].append(row)
             print(f"{mode:8s} all_layers={flag:5s} iter0 {med['iter0_s']:.2f}s  iter {med['iter_s_median']:.2f}s "
                   f"x{med['iterations']:.0f}  total {med['total_s']:.1f}s  rss {med['peak_rss_mb']:.0f}MB  "
                   f"iteration {achieved:.0f} GFLOP/s = {100 * achieved / bound:.0f}% of matmul {bound:.0f}  "
-                  f"seq step {seq_ms:.2f} ms (bound {b['step_bound_ms']:.2f} ms at batch 1)", flush=True)
+                  f"seq step {seq_ms:.2f} ms (bound {b['step_bound_ms']:.2f} ms at batch 1), "
+                  f"{med['seq_tokens_per_s']:.0f} tokens/s (compute bound {seq_bound_tps:.0f})", flush=True)
     report["loadavg_end"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"phase1_{time.strftime('%Y%m%d_%H%M%S')}.json"

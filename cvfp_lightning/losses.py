@@ -4,6 +4,7 @@
 - :func:`cyclic_convergence_loss`: repetition training
   ``MSE(ctx[:, L:], ctx[:, :-L])`` for cycle length L.
 - :func:`diversity_loss`: ``-||X - mean(X)||_F / n`` (negative spread, to be minimised).
+- :func:`spread`: ``||X - mean(X)||_F`` in chunks, for the per-iteration statistics.
 - :func:`diversity_surrogate`: the chunked form of the global diversity loss whose
   gradient equals the global loss's gradient (see its docstring).
 """
@@ -46,6 +47,20 @@ def diversity_loss(contexts: Tensor, center: Tensor | None = None) -> Tensor:
         return contexts.sum() * 0.0
     m = contexts.mean(dim=0) if center is None else center
     return -torch.linalg.vector_norm(contexts - m) / n
+
+
+@torch.no_grad()
+def spread(contexts: Tensor, center: Tensor, chunk_rows: int = 1 << 16) -> Tensor:
+    """``||X - 1 m^T||_F`` of ``X = contexts (n, D)``, ``m = center (D,)``, without gradient.
+
+    Computed ``chunk_rows`` rows at a time, accumulated in float64, so no ``(n, D)``
+    temporary is allocated (the contexts of 640k tokens are 2 GB).
+    ``diversity_loss(X) == -spread(X, X.mean(0)) / n``.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=contexts.device)
+    for start in range(0, contexts.shape[0], chunk_rows):
+        total += (contexts[start:start + chunk_rows] - center).pow(2).sum(dtype=torch.float64)
+    return total.sqrt().to(contexts.dtype)
 
 
 def diversity_surrogate(contexts: Tensor, center: Tensor, spread: Tensor, total: int) -> Tensor:

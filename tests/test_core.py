@@ -12,7 +12,7 @@ import torch
 from cvfp_lightning.data.sequences import TokenSequences
 from cvfp_lightning.diagnostics import attractor_stats, cvfp_diagnostics
 from cvfp_lightning.errors import CVFPUserError
-from cvfp_lightning.losses import cvfp_loss, cyclic_convergence_loss, diversity_loss, diversity_surrogate
+from cvfp_lightning.losses import cvfp_loss, cyclic_convergence_loss, diversity_loss, diversity_surrogate, spread
 from cvfp_lightning.metrics import ConvergenceRate, EffectiveRank, effective_rank
 from cvfp_lightning.models import ContextConfig, ContextUpdater, build_context_updater, build_embedding, unroll
 from cvfp_lightning.models.layers import ConcatLinear
@@ -71,6 +71,15 @@ def test_diversity_loss_value_and_centring():
     # per-chunk centring differs: chunks [0:2] and [2:4] have spreads sqrt(2) and sqrt(2)
     chunk = (diversity_loss(x[:2]) * 2 + diversity_loss(x[2:]) * 2) / 4
     assert chunk.item() == pytest.approx(-math.sqrt(2) / 2)
+
+
+def test_chunked_spread_is_the_diversity_loss():
+    torch.manual_seed(0)
+    x = torch.randn(1000, 6) * 3 + 5
+    m = x.mean(0)
+    assert spread(x, m, chunk_rows=7).item() == pytest.approx(-diversity_loss(x).item() * 1000, rel=1e-6)
+    assert spread(x, m, chunk_rows=7).item() == pytest.approx(spread(x, m).item(), rel=1e-6)
+    assert spread(x[:0], m).item() == 0.0
 
 
 def test_diversity_surrogate_has_the_global_gradient():

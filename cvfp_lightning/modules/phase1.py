@@ -43,7 +43,7 @@ from torchmetrics import MeanMetric
 
 from cvfp_lightning.data.sequences import TokenSequences
 from cvfp_lightning.errors import CVFPUserError, check, check_fraction, check_positive
-from cvfp_lightning.losses import diversity_loss, diversity_surrogate
+from cvfp_lightning.losses import diversity_loss, diversity_surrogate, spread
 from cvfp_lightning.metrics import ConvergenceRate, EffectiveRank
 from cvfp_lightning.models.context import ContextConfig, build_context_updater
 from cvfp_lightning.models.embedding import EmbeddingConfig, build_embedding
@@ -172,7 +172,7 @@ class Phase1FixedPoint(L.LightningModule):
 
     def _set_global_stats(self, prev: Tensor) -> None:
         center = prev.mean(dim=0)
-        self._state["center"], self._state["spread"] = center, torch.linalg.vector_norm(prev - center)
+        self._state["center"], self._state["spread"] = center, spread(prev, center)
 
     # ---- hooks ---------------------------------------------------------------------------
     def _chunk_noise(self, like: Tensor, first_position: int) -> Tensor:
@@ -272,8 +272,8 @@ class Phase1FixedPoint(L.LightningModule):
         self._new["train"] = None
         self._state["train_prev"] = new
         self._set_global_stats(new)
-        if hp.diversity_center == "global":
-            div = diversity_loss(new)
+        if hp.diversity_center == "global":  # diversity_loss(new), from the statistics just computed
+            div = -self._state["spread"] / max(new.shape[0], 1)
         else:
             div = self.train_div.compute()
             self.train_div.reset()
