@@ -9,6 +9,7 @@ training tokens per second (first epoch dropped, median over epochs and ``--runs
 Phase 2's contexts come from one sequential pass (the cache), timed separately.
 
     python benchmarks/phase2.py [--runs 3] [--epochs 3]
+    python benchmarks/phase2.py --reference     # seconds per epoch on the seed's reference workload
 """
 
 from __future__ import annotations
@@ -25,11 +26,30 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def epoch_timer(times: list[float]):
+    """A callback appending each training epoch's seconds (to its last batch) to ``times``."""
+    import lightning as L
+
+    class EpochTimer(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.t = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx + 1 == trainer.num_training_batches:
+                times.append(time.perf_counter() - self.t)
+
+    return EpochTimer()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--reference", action="store_true",
+                        help="Phase 2 seconds per epoch on the seed's reference workload instead")
     args = parser.parse_args()
+    if args.reference:
+        return reference(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import lightning as L
@@ -55,18 +75,10 @@ def main() -> None:
     def fit(model) -> tuple[list[float], int]:
         times: list[float] = []
 
-        class Timer(L.Callback):
-            def on_train_epoch_start(self, trainer, pl_module):
-                self.t = time.perf_counter()
-
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                if batch_idx + 1 == trainer.num_training_batches:
-                    times.append(time.perf_counter() - self.t)
-
         dm = data()
         trainer = L.Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                            limit_val_batches=0, callbacks=[Timer()], default_root_dir=tmp)
+                            limit_val_batches=0, callbacks=[epoch_timer(times)], default_root_dir=tmp)
         trainer.fit(model, dm)
         return times, dm.train_sequences.num_tokens
 
@@ -91,6 +103,56 @@ def main() -> None:
         print(f"{k:12s} {params[k]:>9d} trainable params  {v:10.0f} train tokens/s")
     print(f"Phase 2 contexts (one sequential pass over train+val): {report['phase2_context_pass_s']:.2f}s")
     out = HERE / "results" / f"phase2_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def reference(args) -> None:
+    """Phase 2 on the seed's reference workload (DESIGN.md "Reference figures": 14-34 s an epoch).
+
+    6400 + 1280 synthetic ids from 50257, the seed code's default Phase 1 block (residual,
+    6 x 768, ``token_input_all_layers: false``) and its frozen 768-dim embedding, an untied
+    50257-way head; batches of 1600 positions. Seconds per training epoch (after the first)
+    and the one-off context pass.
+    """
+    import lightning as L
+    import torch
+
+    from cvfp_lightning.data import SyntheticTokensDataModule
+    from cvfp_lightning.models.baselines import count_trainable
+    from cvfp_lightning.modules import Phase1FixedPoint, Phase2LM
+    from cvfp_lightning.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    tmp = Path(tempfile.mkdtemp())
+    epochs: list[float] = []
+    context_s: list[float] = []
+    for run in range(args.runs):
+        L.seed_everything(42, verbose=False)
+        p1 = Phase1FixedPoint(vocab_size=50257, context={"updater": "residual", "context_dim": 768, "num_layers": 6,
+                                                         "token_input_all_layers": False},
+                              embedding={"embed_dim": 768, "freeze": True})
+        ckpt = tmp / "phase1.ckpt"
+        torch.save({"state_dict": p1.state_dict(), "hyper_parameters": dict(p1.hparams), "epoch": 0}, ckpt)
+        model = Phase2LM(vocab_size=50257, phase1_checkpoint=str(ckpt), cache="off")
+        times: list[float] = []
+
+        dm = SyntheticTokensDataModule(vocab_size=50257, num_tokens=6400, val_tokens=1280, seed=42, chunk_size=1600)
+        trainer = L.Trainer(accelerator="cpu", max_epochs=args.epochs, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            limit_val_batches=0, callbacks=[epoch_timer(times)], default_root_dir=tmp)
+        trainer.fit(model, dm)
+        epochs += times[1:]
+        context_s.append(model.context_seconds)
+    report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
+              "workload": "reference", "trainable_params": count_trainable(model),
+              "epoch_s_median": statistics.median(epochs), "epoch_s": epochs,
+              "context_pass_s_median": statistics.median(context_s), "seed_epoch_s": [14, 34]}
+    print(f"Phase 2 on the reference workload: {report['epoch_s_median']:.2f} s per epoch (seed 14-34 s), "
+          f"context pass {report['context_pass_s_median']:.2f} s, {report['trainable_params']:,} trainable params")
+    out = HERE / "results" / f"phase2_reference_{time.strftime('%Y%m%d_%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}", file=sys.stderr)

@@ -47,6 +47,7 @@ from cvfp_lightning.losses import diversity_loss, diversity_surrogate, spread
 from cvfp_lightning.metrics import ConvergenceRate, EffectiveRank
 from cvfp_lightning.models.context import ContextConfig, build_context_updater
 from cvfp_lightning.models.embedding import EmbeddingConfig, build_embedding
+from cvfp_lightning.optim import adam
 from cvfp_lightning.passes import sequential_pass, shifted_inputs
 from cvfp_lightning.solvers import fixed_point_iter, per_dim_mse
 
@@ -143,7 +144,7 @@ class Phase1FixedPoint(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         check(len(params) > 0, "Phase 1 has no trainable parameters.")
-        return torch.optim.Adam(params, lr=self.hparams.lr)
+        return adam(params, lr=self.hparams.lr, trainer=self._trainer)
 
     # ---- data access -------------------------------------------------------------------
     def _sequences(self, split: str):

@@ -43,6 +43,7 @@ from cvfp_lightning.errors import check, check_positive
 from cvfp_lightning.losses import cyclic_convergence_loss
 from cvfp_lightning.models.context import ContextConfig, build_context_updater, unroll
 from cvfp_lightning.models.embedding import EmbeddingConfig, build_embedding
+from cvfp_lightning.optim import adam
 
 # the seed's model: context 256, embed 256, hidden 512, 2 FNN layers, the simple updater
 SEED_CONTEXT = {"updater": "simple", "context_dim": 256, "hidden_dim": 512, "num_layers": 2}
@@ -164,7 +165,7 @@ class RepetitionCVFPT(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         check(len(params) > 0, "RepetitionCVFPT has no trainable parameters.")
-        return torch.optim.Adam(params, lr=self.hparams.lr)
+        return adam(params, lr=self.hparams.lr, trainer=self._trainer)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
