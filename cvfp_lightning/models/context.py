@@ -181,7 +181,9 @@ class ResidualContextBlock(ContextUpdater):
         if self.token_input_all_layers:
             x = context
             for term, lin, norm in zip(terms, self.linears, self.norms):
-                x = norm(x + F.relu(lin(x, term)))
+                # the modules' forwards, called directly: this loop is the per-token step of a sequential pass
+                x = F.layer_norm(x + F.relu(lin.forward(x, term)), norm.normalized_shape, norm.weight, norm.bias,
+                                 norm.eps)
                 outputs.append(x)
             return outputs
         for l, (res, lin, norm) in enumerate(zip(self.residuals, self.linears, self.norms)):
@@ -305,17 +307,17 @@ def unroll(updater: ContextUpdater, token_embeds: Tensor, context0: Tensor | Non
     if T == 0:
         out = token_embeds.new_zeros(B, 0, updater.context_dim)
         return (out, [token_embeds.new_zeros(B, 0, d) for d in updater.layer_dims]) if return_all_layers else out
-    terms = updater.token_terms(token_embeds)
+    # per step: the token's embedding and its share of every layer, as views made in one call each
+    steps = zip(token_embeds.unbind(1), *(term.unbind(1) for term in updater.token_terms(token_embeds)))
     finals: list[Tensor] = []
     per_layer: list[list[Tensor]] = [[] for _ in updater.layer_dims]
-    for t in range(T):
-        step_terms = [term[:, t] for term in terms]
+    for embed, *step_terms in steps:
         if return_all_layers:
-            context, layers = updater.update_context_one_step(context, token_embeds[:, t], True, step_terms)
+            context, layers = updater.update_context_one_step(context, embed, True, step_terms)
             for store, layer in zip(per_layer, layers):
                 store.append(layer)
         else:
-            context = updater.update_context_one_step(context, token_embeds[:, t], token_terms=step_terms)
+            context = updater.update_context_one_step(context, embed, token_terms=step_terms)
         finals.append(context)
     contexts = torch.stack(finals, dim=1)
     if return_all_layers:
