@@ -43,8 +43,10 @@ def cvfp_diagnostics(updater: ContextUpdater, embedding: TokenEmbedding, ids: Te
     c = torch.randn(ids.shape[0], updater.context_dim, generator=g).to(device)
     identity = torch.nn.functional.cosine_similarity(c, updater.update_context_one_step(c, e), dim=-1).mean().item()
 
+    terms = updater.token_terms(e)  # the token's share, the same in every solver step
+
     def f(x):
-        return updater.update_context_one_step(x, e)
+        return updater.update_context_one_step(x, e, token_terms=terms)
 
     fixed, stats = fixed_point_iter(f, torch.zeros_like(c), max_iter=max_iter, tol=tol)
     with torch.enable_grad():

@@ -353,7 +353,8 @@ class Phase1FixedPoint(L.LightningModule):
         if self.hparams.mode == "tokenwise":
             ids = batch["ids"]
             e = self.embedding(ids)
-            fixed, stats = fixed_point_iter(lambda c: self.updater.update_context_one_step(c, e),
+            terms = self.updater.token_terms(e)  # the token's share, the same in every solver step
+            fixed, stats = fixed_point_iter(lambda c: self.updater.update_context_one_step(c, e, token_terms=terms),
                                             torch.zeros(ids.shape[0], self.context_dim, device=self.device),
                                             self.hparams.max_inner_iterations, self.hparams.convergence_threshold,
                                             self.hparams.warmup_iterations)
