@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgre
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cvfp_lightning.errors import CVFPUserError
+from cvfp_lightning.models.legacy import RESUME_REFUSED, is_legacy_state_dict
 from cvfp_lightning.runtime import tune_cpu_allocator
 
 
@@ -194,6 +195,8 @@ class CVFPCLI(LightningCLI):
         ckpt = safe_torch_load(ckpt_path)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
             raise CVFPUserError(f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (no state_dict).")
+        if sub == "fit" and ckpt.get("optimizer_states") and is_legacy_state_dict(ckpt["state_dict"]):
+            raise CVFPUserError(f"--ckpt_path {ckpt_path!r}: {RESUME_REFUSED}")
         saved = _flatten({k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")})
         model_cfg = self.config[sub].get("model")
         current = _flatten(_to_plain(getattr(model_cfg, "init_args", None) or {}))

@@ -171,6 +171,14 @@ class ResidualContextBlock(ContextUpdater):
             if isinstance(module, nn.Linear):
                 _init_linear(module, cfg.init_std, cfg.bias_std)
 
+    def legacy_renames(self) -> dict[str, tuple[str, str | None]]:
+        """Checkpoints before ConcatLinear: one Linear over ``[x; e]`` (see models/legacy.py)."""
+        renames = {f"linears.{l}": (f"linears.{l}", "state_first")
+                   for l, lin in enumerate(self.linears) if isinstance(lin, ConcatLinear)}
+        if isinstance(self.residuals[0], ConcatLinear):
+            renames["residuals.0"] = ("residuals.0", "state_first")
+        return renames
+
     def _token_linears(self) -> list[ConcatLinear]:
         if self.token_input_all_layers:
             return list(self.linears)
@@ -239,6 +247,15 @@ class GatedContextBlock(ContextUpdater):
             if isinstance(module, nn.Linear):
                 _init_linear(module, cfg.init_std, cfg.bias_std)
 
+    def legacy_renames(self) -> dict[str, tuple[str, str | None]]:
+        """Checkpoints before ConcatLinear: ``fnns[l]`` was one Sequential over ``[e; c]``."""
+        renames: dict[str, tuple[str, str | None]] = {}
+        for l, hidden in enumerate(self.hiddens):
+            renames[f"fnns.{l}.0"] = (f"inputs.{l}", "input_first")
+            renames.update({f"fnns.{l}.{k + 2}": (f"hiddens.{l}.{k}", None)
+                            for k, m in enumerate(hidden) if isinstance(m, nn.Linear)})
+        return renames
+
     def _token_linears(self) -> list[ConcatLinear]:
         return list(self.inputs)
 
@@ -271,6 +288,13 @@ class SimpleContextBlock(ContextUpdater):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 _init_linear(module, cfg.init_std, cfg.bias_std)
+
+    def legacy_renames(self) -> dict[str, tuple[str, str | None]]:
+        """Checkpoints before ConcatLinear: ``fnn`` was one Sequential over ``[e; c]``."""
+        renames: dict[str, tuple[str, str | None]] = {"fnn.0": ("input", "input_first")}
+        renames.update({f"fnn.{k + 2}": (f"hidden.{k}", None)
+                        for k, m in enumerate(self.hidden) if isinstance(m, nn.Linear)})
+        return renames
 
     def _token_linears(self) -> list[ConcatLinear]:
         return [self.input]

@@ -36,6 +36,10 @@ class TokenBlock(nn.Module):
         self.linears = nn.ModuleList([ConcatLinear(embed_dim, d, embed_dim) for d in context_dims])
         self.norms = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in context_dims])
 
+    def legacy_renames(self) -> dict[str, tuple[str, str | None]]:
+        """Checkpoints before ConcatLinear: ``linears[l]`` was one Linear over ``[c_l; t]``."""
+        return {f"linears.{l}": (f"linears.{l}", "input_first") for l in range(self.num_layers)}
+
     @property
     def num_layers(self) -> int:
         return len(self.linears)

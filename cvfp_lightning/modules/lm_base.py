@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from cvfp_lightning.errors import CVFPUserError, check
 from cvfp_lightning.io import atomic_write_json, safe_torch_load
 from cvfp_lightning.metrics import NextTokenMetric, next_token_stats
+from cvfp_lightning.models.legacy import upgrade_checkpoint
 from cvfp_lightning.optim import adam
 
 SPLIT_OUTPUTS = {"train": ("ppl", "acc"), "val": NextTokenMetric.OUTPUTS, "test": NextTokenMetric.OUTPUTS}
@@ -147,6 +148,7 @@ class NextTokenModule(L.LightningModule):
                                 "fit run, e.g. lightning_logs/<name>/version_N/checkpoints/best.ckpt.")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        upgrade_checkpoint(self, checkpoint)
         self._has_weights = True
 
     def on_fit_end(self) -> None:

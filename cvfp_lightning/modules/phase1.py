@@ -47,6 +47,7 @@ from cvfp_lightning.losses import diversity_loss, diversity_surrogate, spread
 from cvfp_lightning.metrics import ConvergenceRate, EffectiveRank
 from cvfp_lightning.models.context import ContextConfig, build_context_updater
 from cvfp_lightning.models.embedding import EmbeddingConfig, build_embedding
+from cvfp_lightning.models.legacy import upgrade_checkpoint
 from cvfp_lightning.optim import adam
 from cvfp_lightning.passes import sequential_pass, shifted_inputs
 from cvfp_lightning.solvers import fixed_point_iter, per_dim_mse
@@ -401,6 +402,7 @@ class Phase1FixedPoint(L.LightningModule):
         checkpoint[STATE_KEY] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        upgrade_checkpoint(self, checkpoint)
         state = checkpoint.get(STATE_KEY)
         if state is None:
             return

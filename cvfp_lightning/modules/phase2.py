@@ -50,6 +50,7 @@ from cvfp_lightning.errors import CVFPUserError, check, check_positive
 from cvfp_lightning.io import atomic_write_text, safe_torch_load
 from cvfp_lightning.models.context import build_context_updater
 from cvfp_lightning.models.embedding import build_embedding
+from cvfp_lightning.models.legacy import upgrade_legacy_state_dict
 from cvfp_lightning.models.lm import CVFPLanguageModel
 from cvfp_lightning.modules.lm_base import NextTokenModule
 
@@ -95,7 +96,9 @@ def load_phase1(path: Path, vocab_size: int = 0):
                                     default_dim=int(hp["context"]["context_dim"]), load_pretrained=False)
         updater = build_context_updater(hp["context"], embedding.embed_dim)
         embedding.load_state_dict({k[len("embedding."):]: v for k, v in state.items() if k.startswith("embedding.")})
-        updater.load_state_dict({k[len("updater."):]: v for k, v in state.items() if k.startswith("updater.")})
+        updater_state = {k[len("updater."):]: v for k, v in state.items() if k.startswith("updater.")}
+        upgrade_legacy_state_dict(updater_state, updater)  # a checkpoint from before ConcatLinear
+        updater.load_state_dict(updater_state)
     except (RuntimeError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0][:300]
         raise CVFPUserError(f"model.phase1_checkpoint={str(path)!r}: its weights do not fit its own hyperparameters "

@@ -43,6 +43,7 @@ from cvfp_lightning.errors import check, check_positive
 from cvfp_lightning.losses import cyclic_convergence_loss
 from cvfp_lightning.models.context import ContextConfig, build_context_updater, unroll
 from cvfp_lightning.models.embedding import EmbeddingConfig, build_embedding
+from cvfp_lightning.models.legacy import upgrade_checkpoint
 from cvfp_lightning.optim import adam
 
 # the seed's model: context 256, embed 256, hidden 512, 2 FNN layers, the simple updater
@@ -222,6 +223,9 @@ class RepetitionCVFPT(L.LightningModule):
                 stats = attractor_stats(torch.stack([self._ends[k] for k in sorted(self._ends)]))
                 self.log("diag/attractor_distance", stats["attractor_distance"])
                 self.log("diag/attractor_cosine", stats["attractor_cosine"])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        upgrade_checkpoint(self, checkpoint)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Besides config (hyper_parameters) and weights, keep the last logged metrics."""

@@ -234,4 +234,5 @@ class TopKCVFPT(RepetitionCVFPT):
         checkpoint[STATE_KEY] = {k: v for k, v in self.records.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.records = dict(checkpoint.get(STATE_KEY, {}))
