@@ -3,11 +3,11 @@
 glibc ``malloc`` serves blocks above a dynamic threshold with ``mmap`` and gives freed heap
 memory back to the kernel. A Phase 1 iteration allocates and frees hundreds of MB of
 activations in blocks of 1 to 20 MB, so every iteration faults the same memory back in page
-by page: about 75,000 minor page faults and 10 to 15% of the iteration's time on the
+by page: 37,000 to 111,000 minor page faults and 5 to 15% of the iteration's time on the
 reference workload (``benchmarks/README.md``); Phase 2's 1600 x 50257 logits (321 MB) and
 their gradients are faulted in at every step (an epoch took 18.6 s instead of 8.4 s).
 Serving blocks up to 1 GB from the heap and keeping up to 2 GB of freed memory there makes
-those pages reusable: no faults per iteration after the second. The peak RSS barely
+those pages reusable: from the third iteration on, next to no faults. The peak RSS barely
 changes (the memory is in use at the peak anyway: 0.96 against 0.99 GB on the reference
 workload, 6.6 against 6.0 GB at 640k tokens); a process may keep up to 2 GB it has freed
 until it exits.
