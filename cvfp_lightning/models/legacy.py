@@ -4,18 +4,15 @@ Up to the 2026-11-23 release every Linear over a concatenation was one ``nn.Line
 weight covered ``[x; e]`` (or ``[e; x]``); it is now two blocks, ``state`` (``W_x``) and
 ``input`` (``W_e`` and the bias), the same function. Each block class lists its renames in
 ``legacy_renames()`` (old submodule name -> new name and, for a ``ConcatLinear``, which
-part came first in the old concatenation); :func:`upgrade_legacy_state_dict` rewrites an
+part came first in the old concatenation, ``"state_first"`` or ``"input_first"``; ``None``
+for a plain rename); :func:`upgrade_legacy_state_dict` rewrites an
 old state dict in place so that ``load_state_dict`` takes it. A current checkpoint passes
 through unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 from torch import Tensor, nn
-
-Order = Literal["state_first", "input_first"] | None  # None: a plain rename
 
 
 def upgrade_legacy_state_dict(state: dict[str, Tensor], model: nn.Module) -> int:
