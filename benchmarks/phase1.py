@@ -14,7 +14,7 @@ Each run is a fresh subprocess (so peak RSS is the run's own); the table reports
 Bounds measured in the same process: ``torch.matmul`` GFLOP/s at the parallel iteration's
 GEMM shapes (fp32 and bf16; iteration FLOPs counted as 3 x forward), and read bandwidth
 for the sequential step, whose weight bytes per step are what a batch-1 step must read:
-from L3 (a 32 MB tensor; the weights, 14 to 28 MB, stay in this CPU's 260 MB L3) and from
+from L3 (a 32 MB tensor; the weights, 14 to 57 MB, stay in this CPU's 260 MB L3) and from
 DRAM (512 MB). The compute bound of a batched sequential pass is matmul GFLOP/s over the
 forward FLOPs per token.
 """
