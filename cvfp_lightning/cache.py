@@ -163,22 +163,24 @@ class ContextCache:
 def compute_context_cache(updater: ContextUpdater, embedding: TokenEmbedding, train: TokenSequences,
                           val: TokenSequences, components: dict[str, str], batch_size: int = 256, rank: int = 0,
                           world_size: int = 1, reduce: Callable[[Tensor], Tensor] | None = None) -> ContextCache:
-    """One sequential pass per split with ``return_all_layers`` (fp32, no autocast).
+    """One sequential pass over both splits with ``return_all_layers`` (fp32, no autocast).
 
-    Under DDP every rank computes its share of the sequences and ``reduce`` (a sum over
-    ranks) completes the tensors, as in Phase 1's iteration 0.
+    The train and validation sequences run together (their steps share the batched
+    products, as in Phase 1's iteration 0); the rows are split afterwards. Under DDP every
+    rank computes its share of the sequences and ``reduce`` (a sum over ranks) completes
+    the tensors.
     """
     start = time.perf_counter()
     was_training = updater.training, embedding.training
     updater.eval(), embedding.eval()
     try:
-        layers = {}
-        for split, seqs in (("train", train), ("val", val)):
-            _, per_layer = sequential_pass(updater, embedding, seqs, batch_size, return_all_layers=True,
-                                           rank=rank, world_size=world_size)
-            if reduce is not None and world_size > 1:
-                per_layer = [reduce(t) for t in per_layer]
-            layers[split] = [t.float().cpu() for t in per_layer]
+        _, per_layer = sequential_pass(updater, embedding, TokenSequences.concat([train, val]), batch_size,
+                                       return_all_layers=True, rank=rank, world_size=world_size)
+        if reduce is not None and world_size > 1:
+            per_layer = [reduce(t) for t in per_layer]
+        sizes = [train.num_tokens, val.num_tokens]
+        parts = [t.float().cpu().split(sizes) for t in per_layer]  # per layer: (train rows, val rows)
+        layers = {split: [part[k].clone() for part in parts] for k, split in enumerate(SPLITS)}
         with torch.no_grad():
             ids = torch.arange(embedding.vocab_size, device=embedding.weight.device)
             embeddings = embedding(ids).float().cpu()
