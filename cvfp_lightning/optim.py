@@ -15,6 +15,8 @@ from collections.abc import Iterable
 
 import torch
 
+from cvfp_lightning.errors import check
+
 FUSED_DEVICES = ("cpu", "cuda")
 
 
@@ -25,3 +27,11 @@ def adam(params: Iterable[torch.nn.Parameter], lr: float, trainer=None) -> torch
     fused = not mixed and bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point()
                                                for p in params)
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
+def configure_adam(module) -> torch.optim.Adam:
+    """``configure_optimizers`` of the CVFP modules: :func:`adam` with ``module.hparams.lr``
+    over the module's trainable parameters (a module with none is a user error)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    check(len(params) > 0, f"{type(module).__name__} has no trainable parameters.")
+    return adam(params, lr=module.hparams.lr, trainer=module._trainer)

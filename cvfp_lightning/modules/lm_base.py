@@ -29,11 +29,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from cvfp_lightning.errors import CVFPUserError, check
+from cvfp_lightning.errors import CVFPUserError
 from cvfp_lightning.io import atomic_write_json, safe_torch_load
 from cvfp_lightning.metrics import NextTokenMetric, next_token_stats
 from cvfp_lightning.models.legacy import upgrade_checkpoint
-from cvfp_lightning.optim import adam
+from cvfp_lightning.optim import configure_adam
 
 SPLIT_OUTPUTS = {"train": ("ppl", "acc"), "val": NextTokenMetric.OUTPUTS, "test": NextTokenMetric.OUTPUTS}
 
@@ -99,9 +99,7 @@ class NextTokenModule(L.LightningModule):
         self._step(batch, "test")
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        check(len(params) > 0, f"{type(self).__name__} has no trainable parameters.")
-        return adam(params, lr=self.hparams.lr, trainer=self._trainer)
+        return configure_adam(self)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip

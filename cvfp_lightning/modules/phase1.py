@@ -48,7 +48,7 @@ from cvfp_lightning.metrics import ConvergenceRate, EffectiveRank
 from cvfp_lightning.models.context import ContextConfig, build_context_updater
 from cvfp_lightning.models.embedding import EmbeddingConfig, build_embedding
 from cvfp_lightning.models.legacy import upgrade_checkpoint
-from cvfp_lightning.optim import adam
+from cvfp_lightning.optim import configure_adam
 from cvfp_lightning.passes import sequential_pass, shifted_inputs
 from cvfp_lightning.solvers import fixed_point_iter, per_dim_mse
 
@@ -143,9 +143,7 @@ class Phase1FixedPoint(L.LightningModule):
         return self.updater.update_context_one_step(context, self.embedding(ids))
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        check(len(params) > 0, "Phase 1 has no trainable parameters.")
-        return adam(params, lr=self.hparams.lr, trainer=self._trainer)
+        return configure_adam(self)
 
     # ---- data access -------------------------------------------------------------------
     def _sequences(self, split: str):

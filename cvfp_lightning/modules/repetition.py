@@ -44,7 +44,7 @@ from cvfp_lightning.losses import cyclic_convergence_loss
 from cvfp_lightning.models.context import ContextConfig, build_context_updater, unroll
 from cvfp_lightning.models.embedding import EmbeddingConfig, build_embedding
 from cvfp_lightning.models.legacy import upgrade_checkpoint
-from cvfp_lightning.optim import adam
+from cvfp_lightning.optim import configure_adam
 
 # the seed's model: context 256, embed 256, hidden 512, 2 FNN layers, the simple updater
 SEED_CONTEXT = {"updater": "simple", "context_dim": 256, "hidden_dim": 512, "num_layers": 2}
@@ -164,9 +164,7 @@ class RepetitionCVFPT(L.LightningModule):
         return unroll(self.updater, self.embedding(input_ids))
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        check(len(params) > 0, "RepetitionCVFPT has no trainable parameters.")
-        return adam(params, lr=self.hparams.lr, trainer=self._trainer)
+        return configure_adam(self)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
