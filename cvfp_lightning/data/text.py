@@ -15,16 +15,9 @@ import torch
 from cvfp_lightning.data.base import TokenDataModule
 from cvfp_lightning.data.tokenizer import bundled_data_dir
 from cvfp_lightning.errors import CVFPUserError, check, check_positive
+from cvfp_lightning.io import file_sha256
 
 ULTRACHAT = "HuggingFaceH4/ultrachat_200k"
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_files(paths: list[str], what: str) -> list[Path]:
@@ -73,7 +66,7 @@ class TextDataModule(TokenDataModule):
 
     def source_key(self) -> dict:
         return {"kind": "text", "sample_by": self.sample_by,
-                "files": [[str(f.resolve()), _file_digest(f)] for f in self._files]}
+                "files": [[str(f.resolve()), file_sha256(f)] for f in self._files]}
 
     def load_texts(self):
         import datasets
@@ -121,7 +114,7 @@ class UltraChatDataModule(TokenDataModule):
 
     def source_key(self) -> dict:
         if self._files:
-            return {"kind": "ultrachat-json", "files": [[str(f.resolve()), _file_digest(f)] for f in self._files]}
+            return {"kind": "ultrachat-json", "files": [[str(f.resolve()), file_sha256(f)] for f in self._files]}
         return {"kind": "ultrachat-hub", "dataset": self.dataset, "split": self.split}
 
     def load_texts(self):

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import math
@@ -56,7 +55,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
 from cvfp_lightning.errors import CVFPUserError, check
-from cvfp_lightning.io import _atomic_write, atomic_write_json, atomic_write_text
+from cvfp_lightning.io import _atomic_write, atomic_write_json, atomic_write_text, file_sha256
 
 CVFP = "cvfp"
 BASELINES = ("gru", "lstm", "transformer")
@@ -281,10 +280,6 @@ Runner = Callable[[str, list[str]], dict]
 
 
 # ---- the experiment --------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 class ScalingExperiment:
     """Runs (or resumes) the experiment of ``settings``; ``runner`` trains one run (tests replace it)."""
 
@@ -351,7 +346,7 @@ class ScalingExperiment:
 
     def _fingerprint(self, run: str, size: int) -> dict:
         config = self._config(run)
-        return {"run": run, "size": size, "config": str(config), "config_sha256": _sha256(config),
+        return {"run": run, "size": size, "config": str(config), "config_sha256": file_sha256(config),
                 "args": self._settings_args(run, size)}
 
     # ---- runs -----------------------------------------------------------------------------------
