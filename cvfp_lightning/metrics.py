@@ -5,6 +5,10 @@
 - :class:`EffectiveRank`: Roy & Vetterli effective rank of the *uncentred* context matrix,
   ``p = s / sum(s)`` over its singular values, ``ER = exp(-sum p ln p)``, on at most
   ``max_rows`` rows sampled with a fixed seed; ``percent=True`` reports ``100 ER / D``.
+- :class:`NextTokenMetric`: token-weighted loss, perplexity, accuracy, bits per byte and
+  the number of predicted tokens.
+
+Every LightningModule calls :func:`private_metric_states` in its ``setup`` hook (see there).
 """
 
 from __future__ import annotations
@@ -12,9 +16,25 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
+
+
+def private_metric_states(module: nn.Module) -> None:
+    """Give every torchmetrics ``Metric`` in ``module`` fresh states owned by this process.
+
+    ``strategy=ddp_spawn`` on CPU sends the module to its processes through
+    ``torch.multiprocessing``, which moves every CPU tensor into shared memory; Lightning then
+    copies parameters and buffers out of it, but Metric states are neither. All ranks would
+    add into the same storage, each rank's local sum would already be the global one, and the
+    sum over ranks in ``compute`` would count every token ``world_size`` times (bits per byte,
+    the token count; ratios such as the perplexity hide it). ``reset`` replaces each state by
+    a copy of its default. Called in ``setup``, which runs in every rank before any update.
+    """
+    for metric in module.modules():
+        if isinstance(metric, Metric):
+            metric.reset()
 
 
 class ConvergenceRate(Metric):
@@ -117,10 +137,12 @@ class NextTokenMetric(Metric):
     - ``acc``: ``correct / count`` (top-1 accuracy)
     - ``bpb``: ``nll_sum / (ln 2 * num_bytes)``: bits per UTF-8 byte of the evaluated
       text (comparable across tokenizers); NaN when ``num_bytes`` is 0 (no text).
+    - ``tokens``: ``count``, the number of predicted tokens (so a test can see that every
+      token was counted exactly once; float32, exact below 2**24).
     """
 
     full_state_update = False
-    OUTPUTS = ("loss", "ppl", "acc", "bpb")
+    OUTPUTS = ("loss", "ppl", "acc", "bpb", "tokens")
 
     def __init__(self, output: str = "loss", num_bytes: int = 0, **kwargs):
         super().__init__(**kwargs)
@@ -143,6 +165,8 @@ class NextTokenMetric(Metric):
             value = torch.exp(self.nll_sum / count)
         elif self.output == "acc":
             value = self.correct / count
+        elif self.output == "tokens":
+            value = self.count
         else:
             value = (self.nll_sum / (math.log(2.0) * self.num_bytes) if self.num_bytes > 0
                      else torch.tensor(float("nan"), dtype=torch.float64, device=self.device))

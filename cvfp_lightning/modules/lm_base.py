@@ -7,7 +7,9 @@ One objective, one set of metrics, so CVFP and the baselines are compared on equ
 - ``{split}/loss`` (nats per token), ``{split}/ppl = exp(loss)``, ``{split}/acc`` (top-1),
   ``{split}/bpb = sum CE / (ln 2 * UTF-8 bytes of the split's text)`` for ``val`` and
   ``test`` (torchmetrics sums, so DDP gives the same values as one process);
-  ``train/loss`` per step, ``train/ppl`` and ``train/acc`` per epoch; ``time/epoch_s``;
+  ``{split}/tokens``: the number of predicted tokens (each counted once over all ranks);
+  ``train/loss`` per step, ``train/ppl``, ``train/acc`` and ``train/tokens`` per epoch;
+  ``time/epoch_s``;
 - Adam (``lr``) on the trainable parameters, gradient norm clipped to ``grad_clip``;
 - the best weights: when fit ends the weights of the best checkpoint (the
   ``ModelCheckpoint`` monitor, ``val/loss`` in the shipped configs) are loaded back, and
@@ -31,11 +33,11 @@ from torch import Tensor, nn
 
 from cvfp_lightning.errors import CVFPUserError
 from cvfp_lightning.io import atomic_write_json, safe_torch_load
-from cvfp_lightning.metrics import NextTokenMetric, next_token_stats
+from cvfp_lightning.metrics import NextTokenMetric, next_token_stats, private_metric_states
 from cvfp_lightning.models.legacy import upgrade_checkpoint
 from cvfp_lightning.optim import configure_adam
 
-SPLIT_OUTPUTS = {"train": ("ppl", "acc"), "val": NextTokenMetric.OUTPUTS, "test": NextTokenMetric.OUTPUTS}
+SPLIT_OUTPUTS = {"train": ("ppl", "acc", "tokens"), "val": NextTokenMetric.OUTPUTS, "test": NextTokenMetric.OUTPUTS}
 
 
 class NextTokenModule(L.LightningModule):
@@ -108,6 +110,9 @@ class NextTokenModule(L.LightningModule):
                                 gradient_clip_algorithm=gradient_clip_algorithm or "norm")
 
     # ---- hooks -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        private_metric_states(self)
+
     def on_train_start(self) -> None:
         rank_zero_info(f"{type(self).__name__}: {self.num_trainable_parameters():,} trainable parameters")
 

@@ -44,7 +44,7 @@ from torchmetrics import MeanMetric
 from cvfp_lightning.data.sequences import TokenSequences
 from cvfp_lightning.errors import CVFPUserError, check, check_fraction, check_positive
 from cvfp_lightning.losses import diversity_loss, diversity_surrogate, spread
-from cvfp_lightning.metrics import ConvergenceRate, EffectiveRank
+from cvfp_lightning.metrics import ConvergenceRate, EffectiveRank, private_metric_states
 from cvfp_lightning.models.context import ContextConfig, build_context_updater
 from cvfp_lightning.models.embedding import EmbeddingConfig, build_embedding
 from cvfp_lightning.models.legacy import upgrade_checkpoint
@@ -185,6 +185,9 @@ class Phase1FixedPoint(L.LightningModule):
         g.manual_seed((int(self._state["noise_seed"]) * 1_000_003 + self.current_epoch * 7_919_113
                        + first_position) % (2**63 - 1))
         return torch.randn(like.shape, generator=g).to(device=like.device, dtype=like.dtype)
+
+    def setup(self, stage: str) -> None:
+        private_metric_states(self)
 
     def on_fit_start(self) -> None:
         if self._state["noise_seed"] is None:

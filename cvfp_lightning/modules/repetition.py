@@ -41,6 +41,7 @@ from cvfp_lightning.data.sequences import IGNORE_INDEX
 from cvfp_lightning.diagnostics import attractor_stats
 from cvfp_lightning.errors import check, check_positive
 from cvfp_lightning.losses import cyclic_convergence_loss
+from cvfp_lightning.metrics import private_metric_states
 from cvfp_lightning.models.context import ContextConfig, build_context_updater, unroll
 from cvfp_lightning.models.embedding import EmbeddingConfig, build_embedding
 from cvfp_lightning.models.legacy import upgrade_checkpoint
@@ -186,6 +187,9 @@ class RepetitionCVFPT(L.LightningModule):
         return loss, stats, token_loss, contexts
 
     # ---- training ------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        private_metric_states(self)
+
     def on_train_epoch_start(self) -> None:
         self._ends = {}
 
