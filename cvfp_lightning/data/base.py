@@ -27,8 +27,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from cvfp_lightning.data.sequences import (EpochShuffleSampler, PositionChunks, PositionCollate, PositionIndex,
-                                           TokenSequences, Windows)
+from cvfp_lightning.data.sequences import (PositionChunks, PositionCollate, PositionIndex, TokenSequences, Windows,
+                                           shuffled_sampler)
 from cvfp_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from cvfp_lightning.errors import CVFPUserError, check, check_fraction, check_positive
 from cvfp_lightning.io import atomic_torch_save, safe_torch_load
@@ -232,10 +232,12 @@ class TokenDataModule(L.LightningDataModule):
     def _loader(self, seqs: TokenSequences, train: bool) -> DataLoader:
         """The loader for the module's ``data_layout``.
 
-        Evaluation loaders (and Phase 1's in-order chunks) are padded with empty batches /
-        windows to a multiple of the DDP world size instead of the DistributedSampler's
-        duplicates, so metrics synced over ranks count every token exactly once and equal a
-        single process's.
+        Every loader is padded with empty batches / windows / positions (no targets) to a
+        multiple of the DDP world size instead of the DistributedSampler's duplicates, so
+        metrics synced over ranks count every token exactly once and equal a single
+        process's. Training orders put the padding last and shard without a second shuffle
+        (:func:`~cvfp_lightning.data.sequences.shuffled_sampler`): W ranks with
+        ``chunk_size`` / ``batch_size`` B train on the global batches of one process with W*B.
         """
         layout = self._layout()
         world = self.trainer.world_size if self.trainer is not None else 1
@@ -243,13 +245,14 @@ class TokenDataModule(L.LightningDataModule):
             return DataLoader(PositionChunks(seqs, self.chunk_size, world), batch_size=None, shuffle=False,
                               num_workers=self.num_workers)
         if layout == "positions":
-            return DataLoader(PositionIndex(seqs.num_tokens), batch_size=self.chunk_size,
-                              sampler=EpochShuffleSampler(seqs.num_tokens), collate_fn=PositionCollate(seqs),
-                              num_workers=self.num_workers)
+            index = PositionIndex(seqs.num_tokens, pad_to_multiple=world)
+            return DataLoader(index, batch_size=self.chunk_size,
+                              sampler=shuffled_sampler(seqs.num_tokens, len(index), self.trainer),
+                              collate_fn=PositionCollate(seqs), num_workers=self.num_workers)
         if layout == "windows":
-            windows = Windows(seqs, self.seq_len, pad_to_multiple=1 if train else world)
+            windows = Windows(seqs, self.seq_len, pad_to_multiple=world)
             return DataLoader(windows, batch_size=self.batch_size, num_workers=self.num_workers,
-                              sampler=EpochShuffleSampler(len(windows)) if train else None)
+                              sampler=shuffled_sampler(windows.num_real, len(windows), self.trainer) if train else None)
         raise ValueError(f"unknown data_layout {layout!r}")
 
     def train_dataloader(self) -> DataLoader:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from cvfp_lightning.data.sequences import IGNORE_INDEX, EpochShuffleSampler
+from cvfp_lightning.data.sequences import IGNORE_INDEX, shuffled_sampler
 from cvfp_lightning.data.tokenizer import load_tokenizer
 from cvfp_lightning.errors import check, check_positive
 
@@ -55,7 +55,7 @@ def repeat_unit(unit: list[int], repetitions: int, max_length: int) -> Tensor:
 def collate_repeated(items: list[dict]) -> dict[str, Tensor]:
     """Right-pad items ``{"ids": (T_i,), "cycle_length", "index", "stage"}`` into a batch (see module doc)."""
     B = len(items)
-    T = max(int(item["ids"].numel()) for item in items)
+    T = max(1, max(int(item["ids"].numel()) for item in items))  # a batch of padding items has 1 column
     input_ids = torch.zeros(B, T, dtype=torch.long)
     targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros(B, T, dtype=torch.bool)
@@ -63,7 +63,7 @@ def collate_repeated(items: list[dict]) -> dict[str, Tensor]:
         ids = item["ids"]
         n = ids.numel()
         input_ids[row, :n] = ids
-        targets[row, :n - 1] = ids[1:]
+        targets[row, :max(n - 1, 0)] = ids[1:]
         mask[row, :n] = True
     return {"input_ids": input_ids, "targets": targets, "mask": mask,
             "cycle_length": torch.tensor([int(item["cycle_length"]) for item in items]),
@@ -113,8 +113,16 @@ class RepeatedIdsDataModule(L.LightningDataModule):
                 "index": index, "stage": stage}
 
     def _loader(self, items: list[dict], shuffle: bool) -> DataLoader:
-        return DataLoader(items, batch_size=self.batch_size, collate_fn=collate_repeated,
-                          sampler=EpochShuffleSampler(len(items)) if shuffle else None,
+        """Batches of ``items``, padded with empty items (index -1, no positions) to a
+        multiple of the DDP world size instead of the DistributedSampler's duplicates, and
+        put last in a shuffled order (:func:`~cvfp_lightning.data.sequences.shuffled_sampler`),
+        so W ranks with ``batch_size`` B train on the global batches of one process with W*B."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        pad = {"ids": torch.zeros(0, dtype=torch.long), "cycle_length": 1, "index": -1,
+               "stage": items[0].get("stage", 1) if items else 1}
+        padded = items + [pad] * (-len(items) % world)
+        return DataLoader(padded, batch_size=self.batch_size, collate_fn=collate_repeated,
+                          sampler=shuffled_sampler(len(items), len(padded), self.trainer) if shuffle else None,
                           num_workers=self.num_workers)
 
 

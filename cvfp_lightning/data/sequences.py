@@ -117,7 +117,11 @@ class TokenSequences:
 
 
 class PositionCollate:
-    """Turn a ``(n,)`` tensor (or list) of flat positions into a position batch."""
+    """Turn a ``(n,)`` tensor (or list) of flat positions into a position batch.
+
+    Positions ``>= N`` are padding (see :class:`PositionIndex`): they stand for position 0
+    with target -100, so they predict nothing and add nothing to a loss or metric.
+    """
 
     def __init__(self, seqs: TokenSequences):
         self.ids = seqs.ids
@@ -128,6 +132,11 @@ class PositionCollate:
         if not isinstance(positions, Tensor):
             positions = torch.as_tensor(positions, dtype=torch.long)
         positions = positions.long()
+        pad = positions >= self.ids.numel()
+        if pad.any():
+            positions = positions.masked_fill(pad, 0)
+            return {"positions": positions, "ids": self.ids[positions], "is_start": self.is_start[positions],
+                    "targets": self.targets[positions].masked_fill(pad, IGNORE_INDEX)}
         return {"positions": positions, "ids": self.ids[positions], "is_start": self.is_start[positions],
                 "targets": self.targets[positions]}
 
@@ -158,13 +167,19 @@ class PositionChunks(Dataset):
 
 
 class PositionIndex(Dataset):
-    """Map-style dataset of single positions (for shuffled position loaders)."""
+    """Map-style dataset of single positions (for shuffled position loaders).
 
-    def __init__(self, n: int):
+    ``pad_to_multiple`` appends padding positions ``n, n+1, ...`` (no target, see
+    :class:`PositionCollate`) up to a multiple of it, so that a DistributedSampler over
+    that many ranks needs no duplicates: every position is trained on once per epoch.
+    """
+
+    def __init__(self, n: int, pad_to_multiple: int = 1):
         self.n = n
+        self.length = n + (-n % max(1, pad_to_multiple))
 
     def __len__(self) -> int:
-        return self.n
+        return self.length
 
     def __getitem__(self, k: int) -> int:
         return k
@@ -186,6 +201,7 @@ class Windows(Dataset):
         for s in range(seqs.num_sequences):
             a, b = int(seqs.offsets[s]), int(seqs.offsets[s + 1])
             self.items += [(i, min(i + self.seq_len, b)) for i in range(a, b, self.seq_len)]
+        self.num_real = len(self.items)
         # empty windows (all targets -100) so a DistributedSampler needs no duplicates
         self.items += [(0, 0)] * (-len(self.items) % max(1, pad_to_multiple))
 
@@ -202,16 +218,21 @@ class Windows(Dataset):
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A random order of ``range(n)`` that depends on (seed, epoch) only.
+    """A random order of ``range(n)`` that depends on (seed, epoch) only, then the padding.
 
     Lightning calls ``set_epoch`` before every epoch, so a run resumed from a checkpoint
     draws the same order for its next epoch as the uninterrupted run (a plain
     ``shuffle=True`` draws from the global RNG, whose state a checkpoint does not hold).
     The seed defaults to ``torch.initial_seed()``, i.e. the run's ``seed_everything``.
+
+    ``size`` (>= n) is the dataset's length with its padding items ``n .. size-1``, which
+    come last, in order. Under DDP, :func:`shuffled_sampler` gives rank r the items
+    ``r, r+W, r+2W, ...`` of this order.
     """
 
-    def __init__(self, n: int, seed: int | None = None):
+    def __init__(self, n: int, seed: int | None = None, size: int | None = None):
         self.n = int(n)
+        self.size = self.n if size is None else int(size)
         self.seed = torch.initial_seed() if seed is None else int(seed)
         self.epoch = 0
 
@@ -220,7 +241,25 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self):
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63 - 1))
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.randperm(self.n, generator=g).tolist() + list(range(self.n, self.size)))
 
     def __len__(self) -> int:
-        return self.n
+        return self.size
+
+
+def shuffled_sampler(n: int, size: int, trainer=None) -> Sampler[int]:
+    """The training sampler: :class:`EpochShuffleSampler`, sharded over the DDP ranks.
+
+    Lightning would wrap a custom training sampler in a ``DistributedSamplerWrapper`` with
+    ``shuffle=True``, which reorders it once more with its own seed. Wrapped here with
+    ``shuffle=False`` (Lightning leaves a DistributedSampler alone), rank r gets the items
+    ``r, r+W, ...`` of the (seed, epoch) order, so W ranks with batch B train on the global
+    batches of one process with batch W*B, and ``size`` a multiple of W means no duplicates.
+    """
+    sampler = EpochShuffleSampler(n, size=size)
+    world = trainer.world_size if trainer is not None else 1
+    if world == 1:
+        return sampler
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    return DistributedSamplerWrapper(sampler, num_replicas=world, rank=trainer.global_rank, shuffle=False)
