@@ -77,7 +77,8 @@ class NextTokenModule(L.LightningModule):
                        None)
         return int(getattr(seqs, "num_bytes", 0) or 0)
 
-    def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
+    def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
+        """Update the split's metrics; returns ``(nll_sum, count)`` of the batch."""
         logits, targets = self.logits_targets(batch, split)
         nll_sum, correct, count = next_token_stats(logits, targets)
         metrics = getattr(self, f"{split}_lm")
@@ -85,14 +86,26 @@ class NextTokenModule(L.LightningModule):
             metric.update(nll_sum, correct, count)
             if split != "train":
                 self.log(f"{split}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name in ("loss", "ppl"))
-        return nll_sum / count.clamp_min(1)
+        return nll_sum, count
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self._step(batch, "train")
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        """The mean cross-entropy over the predicted tokens of the global batch (all ranks).
+
+        DDP averages the ranks' gradients, so rank r returns ``nll_sum_r * W / count``
+        with ``count`` summed over ranks: the gradient is that of one process on the W
+        ranks' batches together, whatever the ranks' token counts. ``train/loss`` is that
+        global mean.
+        """
+        nll_sum, count = self._step(batch, "train")
+        world = self.trainer.world_size
+        totals = torch.stack([nll_sum.detach(), count.to(nll_sum.dtype)])
+        if world > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        total_count = totals[1].clamp_min(1)
+        self.log("train/loss", totals[0] / total_count, on_step=True, on_epoch=False, prog_bar=True)
         for name, metric in self.train_lm.items():
             self.log(f"train/{name}", metric, on_step=False, on_epoch=True)
-        return loss
+        return nll_sum * world / total_count
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")

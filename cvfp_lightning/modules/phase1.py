@@ -39,7 +39,7 @@ from typing import Literal
 import lightning as L
 import torch
 from torch import Tensor
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from cvfp_lightning.data.sequences import TokenSequences
 from cvfp_lightning.errors import CVFPUserError, check, check_fraction, check_positive
@@ -122,6 +122,7 @@ class Phase1FixedPoint(L.LightningModule):
         self.train_cvfp, self.val_cvfp = MeanMetric(), MeanMetric()
         self.train_div = MeanMetric()  # chunk centring: size-weighted mean of chunk values
         self.train_iters, self.val_iters = MeanMetric(), MeanMetric()
+        self.train_tokens, self.val_tokens = SumMetric(), SumMetric()  # positions evaluated, over all ranks
         # parallel mode: rank of the full (already synced) context matrix, same on every rank
         self.train_erank = EffectiveRank(effective_rank_rows, percent=True, sync_on_compute=mode == "tokenwise")
         self.val_erank = EffectiveRank(effective_rank_rows, percent=True, sync_on_compute=mode == "tokenwise")
@@ -263,6 +264,7 @@ class Phase1FixedPoint(L.LightningModule):
         if res.numel():
             self.train_rate.update(res)
             self.train_cvfp.update(res.detach())
+            self.train_tokens.update(res.numel())
 
     def _end_parallel_iteration(self) -> None:
         hp = self.hparams
@@ -286,6 +288,7 @@ class Phase1FixedPoint(L.LightningModule):
         self.log("train/loss", (1 - hp.dist_reg_weight) * cvfp + hp.dist_reg_weight * div,
                  on_step=False, on_epoch=True)
         self.log("train/convergence_rate", self.train_rate, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/tokens", self.train_tokens, on_step=False, on_epoch=True)
         self.train_erank.update(new)
         self.log("train/effective_rank_pct", self.train_erank.compute(), on_step=False, on_epoch=True, prog_bar=True)
         self.train_erank.reset()
@@ -330,7 +333,9 @@ class Phase1FixedPoint(L.LightningModule):
             self.train_iters.update(iters)
             self.train_cvfp.update(last_res)
             self.train_erank.update(c)
+            self.train_tokens.update(n)
         self.log("train/convergence_rate", self.train_rate, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/tokens", self.train_tokens, on_step=False, on_epoch=True)
         self.log("train/mean_iterations", self.train_iters, on_step=False, on_epoch=True)
         self.log("train/cvfp_loss", self.train_cvfp, on_step=False, on_epoch=True)
         self.log("train/loss", self.train_cvfp, on_step=False, on_epoch=True)
@@ -365,6 +370,7 @@ class Phase1FixedPoint(L.LightningModule):
                 self.val_iters.update(stats.nstep.float())
                 self.val_cvfp.update(stats.residual)
                 self.val_erank.update(fixed)
+                self.val_tokens.update(ids.numel())
             self.log("val/mean_iterations", self.val_iters, on_step=False, on_epoch=True)
         else:
             prev = self._state["val_prev"]
@@ -376,8 +382,10 @@ class Phase1FixedPoint(L.LightningModule):
             if res.numel():
                 self.val_rate.update(res)
                 self.val_cvfp.update(res)
+                self.val_tokens.update(res.numel())
         self.log("val/convergence_rate", self.val_rate, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/cvfp_loss", self.val_cvfp, on_step=False, on_epoch=True)
+        self.log("val/tokens", self.val_tokens, on_step=False, on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

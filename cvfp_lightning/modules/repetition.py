@@ -181,10 +181,31 @@ class RepetitionCVFPT(L.LightningModule):
         token_loss = None
         if self.head is not None:
             logits = self.head(contexts)  # (B, T, V)
-            token_loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
-                                         ignore_index=IGNORE_INDEX)
+            token_sum = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
+                                        ignore_index=IGNORE_INDEX, reduction="sum")
+            token_loss = token_sum / (batch["targets"] != IGNORE_INDEX).sum().clamp_min(1)
             loss = loss + hp.token_weight * token_loss
         return loss, stats, token_loss, contexts
+
+    def _global_loss(self, batch: dict[str, Tensor], stats: CycleStats,
+                     token_loss: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """DDP: ``(loss to backpropagate, loss of the global batch, its real rows)``.
+
+        The global batch is the W ranks' batches together: its cyclic MSE averages over all
+        their pairs and its CE over all their targets. DDP averages the ranks' gradients, so
+        each rank returns its sums times ``W`` over the global counts.
+        """
+        hp, W = self.hparams, self.trainer.world_size
+        conv_sum = stats.conv_loss * stats.pairs
+        tokens = (batch["targets"] != IGNORE_INDEX).sum()
+        token_sum = token_loss * tokens if token_loss is not None else conv_sum.new_zeros(())
+        local = torch.stack([conv_sum.detach(), conv_sum.new_tensor(float(stats.pairs)), token_sum.detach(),
+                             tokens.to(conv_sum.dtype), batch["mask"].any(dim=1).sum().to(conv_sum.dtype)])
+        total = self.trainer.strategy.reduce(local, reduce_op="sum")
+        pairs, targets = total[1].clamp_min(1), total[3].clamp_min(1)
+        loss = hp.convergence_weight * conv_sum * W / pairs + hp.token_weight * token_sum * W / targets
+        value = hp.convergence_weight * total[0] / pairs + hp.token_weight * total[2] / targets
+        return loss, value, total[4]
 
     # ---- training ------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -195,21 +216,27 @@ class RepetitionCVFPT(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, stats, token_loss, contexts = self.batch_loss(batch)
+        value, rows = loss.detach(), batch["input_ids"].shape[0]
+        if self.trainer.world_size > 1:  # the loss of the ranks' batches together, as one process has it
+            loss, value, rows = self._global_loss(batch, stats, token_loss)
         if stats.pairs:
             self.train_conv.update(stats.conv_loss.detach(), weight=stats.pairs)
             self.train_metric.update(stats.conv_metric, weight=stats.pairs)
         if stats.steps:
             self.train_change.update(stats.change, weight=stats.steps)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", value, on_step=True, on_epoch=True, batch_size=int(rows))
         self.log("train/conv_loss", self.train_conv, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/change", self.train_change, on_step=False, on_epoch=True)
         self.log("train/conv_metric", self.train_metric, on_step=False, on_epoch=True)
         if token_loss is not None:
-            self.train_token.update(token_loss.detach())
+            tokens = int((batch["targets"] != IGNORE_INDEX).sum())
+            if tokens:
+                self.train_token.update(token_loss.detach(), weight=tokens)
             self.log("train/token_loss", self.train_token, on_step=False, on_epoch=True)
         ends = cycle_end_contexts(contexts.detach().float(), batch["cycle_length"], batch["mask"])
         for row, index in enumerate(batch["index"].tolist()):
-            self._ends[index] = ends[row]
+            if index >= 0:  # not a padding row
+                self._ends[index] = ends[row]
         self._stage = int(batch["stage"][0]) if "stage" in batch else 1
         return loss
 
@@ -221,10 +248,26 @@ class RepetitionCVFPT(L.LightningModule):
                                  ("conv_metric", self.train_metric)):
                 if metric.update_called:
                     self.log(f"train/stage{s}/{name}", metric.compute())
-            if len(self._ends) >= 2:
-                stats = attractor_stats(torch.stack([self._ends[k] for k in sorted(self._ends)]))
+            ends = self._all_ends()
+            if len(ends) >= 2:
+                stats = attractor_stats(torch.stack([ends[k] for k in sorted(ends)]))
                 self.log("diag/attractor_distance", stats["attractor_distance"])
                 self.log("diag/attractor_cosine", stats["attractor_cosine"])
+
+    def _all_ends(self) -> dict[int, Tensor]:
+        """The epoch's cycle-end contexts of every phrase, from all DDP ranks."""
+        if self.trainer.world_size == 1:
+            return self._ends
+        keys = sorted(self._ends)
+        count = self.all_gather(torch.tensor(len(keys), device=self.device))
+        width = int(count.max())  # ranks saw different numbers of phrases: pad to one shape
+        index = torch.full((width,), -1, dtype=torch.long, device=self.device)
+        ends = torch.zeros(width, self.updater.context_dim, device=self.device)
+        if keys:
+            index[:len(keys)] = torch.tensor(keys, device=self.device)
+            ends[:len(keys)] = torch.stack([self._ends[k] for k in keys])
+        index, ends = self.all_gather(index).reshape(-1), self.all_gather(ends).reshape(-1, ends.shape[-1])
+        return {int(k): e for k, e in zip(index.tolist(), ends) if k >= 0}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         upgrade_checkpoint(self, checkpoint)
