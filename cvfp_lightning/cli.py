@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cvfp_lightning.errors import CVFPUserError
 from cvfp_lightning.models.legacy import RESUME_REFUSED, is_legacy_state_dict
-from cvfp_lightning.runtime import tune_cpu_allocator
+from cvfp_lightning.runtime import close_process_group, tune_cpu_allocator
 
 
 def _flatten(d, prefix: str = "") -> dict:
@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"cvfp: error: {user}", file=sys.stderr)
         sys.exit(2)
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Process-wide settings for fast CPU training, applied once by the ``cvfp`` entry points.
+"""Process-wide settings applied by the ``cvfp`` entry points: the CPU allocator, and the
+process group closed before the process exits (:func:`close_process_group`).
 
 glibc ``malloc`` serves blocks above a dynamic threshold with ``mmap`` and gives freed heap
 memory back to the kernel. A Phase 1 iteration allocates and frees hundreds of MB of
@@ -50,3 +51,18 @@ def tune_cpu_allocator() -> bool:
     _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     log.debug("malloc tuning %s", "applied" if _applied else "refused by libc")
     return _applied
+
+
+def close_process_group() -> None:
+    """Destroy torch.distributed's default process group, if this process has one.
+
+    Lightning destroys it at exit only for NCCL. A gloo group (DDP on CPU) would otherwise
+    live into interpreter shutdown with its worker and transport threads running while
+    Python and the C++ statics are torn down; PyTorch asks every process to call
+    ``destroy_process_group`` before it exits. Called after a successful run (every rank
+    of ``--trainer.strategy ddp`` runs the entry point).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
