@@ -160,7 +160,7 @@ def test_handoff_callback_then_phase2_from_cache_equals_recomputation(tmp_path, 
         results[mode] = _val_metrics(model, text_data(corpus, chunk_size=1024))
         assert model.context_status.startswith("context cache hit" if mode == "require" else "contexts computed")
     assert results["require"] == results["off"]
-    assert set(results["off"]) == {"val/loss", "val/ppl", "val/acc", "val/bpb"}
+    assert set(results["off"]) == {"val/loss", "val/ppl", "val/acc", "val/bpb", "val/tokens"}
 
 
 def test_phase2_with_other_data_rebuilds_or_refuses(tmp_path, corpus):
