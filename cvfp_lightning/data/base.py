@@ -183,7 +183,12 @@ class TokenDataModule(L.LightningDataModule):
         return self.cache_folder(source) / META
 
     def tokenize(self, source: str = "main") -> Path:
-        """Tokenise ``source`` into its token cache folder, one batch of samples at a time."""
+        """Tokenise ``source`` into its token cache folder, one batch of samples at a time.
+
+        The texts are read with ``Dataset.iter`` (Arrow, memory-mapped) and each batch's ids
+        go straight into ``ids.bin``: a ``Dataset.map`` would first write all ids again as
+        an Arrow column of int64 lists, and no list of all ids is ever held.
+        """
         quiet_datasets()
         ds = self.load_texts(source)
         what = self.describe(source)

@@ -245,6 +245,7 @@ class PositionChunks(Dataset):
     The number of items is padded with empty chunks up to a multiple of ``world_size`` so
     that a DistributedSampler (shuffle off) gives every rank the same number of batches
     without duplicating any position: every position is seen exactly once per epoch.
+    Holds nothing per token; an item is O(chunk_size).
     """
 
     def __init__(self, seqs: TokenSequences, chunk_size: int, world_size: int = 1):
@@ -265,7 +266,7 @@ class PositionChunks(Dataset):
 
 
 class PositionIndex(Dataset):
-    """Map-style dataset of single positions (for shuffled position loaders)."""
+    """Map-style dataset of single positions (for shuffled position loaders); nothing per token."""
 
     def __init__(self, n: int):
         self.n = n

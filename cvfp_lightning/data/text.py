@@ -51,8 +51,8 @@ class TextDataModule(TokenDataModule):
             one topic per paragraph).
         val_paths: text files of the validation split (then ``val_fraction`` is not used
             and all of ``paths`` trains); None: the held-out ``val_fraction`` of ``paths``.
-        test_paths: text files of the test split; None: the held-out ``test_fraction`` of
-            ``paths`` (none when it is 0).
+        test_paths: text files of the test split (then ``test_fraction`` is not used);
+            None: the held-out ``test_fraction`` of ``paths`` (none when it is 0).
         sample_by: ``paragraph`` (blank-line separated, default), ``line`` or ``document``.
         **kwargs: see :class:`TokenDataModule`.
     """
