@@ -237,7 +237,7 @@ def run_size(args, size: int, work: Path, env: dict) -> list[dict]:
 
 
 def slopes(rows: list[dict]) -> dict:
-    """KB per training position: least-squares slope of each metric over the sizes, per stage."""
+    """KB per training position (``<metric>_per_token``): least-squares slope over the sizes, per stage."""
     import numpy as np
 
     out = {}
@@ -311,8 +311,8 @@ def main() -> None:
     except ImportError:
         pass
     for stage, s in report["slopes"].items():
-        print(f"slope {stage:7s}: ru_maxrss {s['ru_maxrss_per_token']:7.2f} KB/token, peak RssAnon "
-              f"{s['peak_anon_per_token']:7.2f} KB/token, {s['wall_s_per_1k_tokens']:.2f} s per 1k tokens")
+        print(f"slope {stage:7s}: ru_maxrss {s['ru_maxrss_per_token'] * 1024:9.1f} B/token, peak RssAnon "
+              f"{s['peak_anon_per_token'] * 1024:9.1f} B/token, {s['wall_s_per_1k_tokens']:.3f} s per 1k tokens")
     write_report("scale", report)
 
 
