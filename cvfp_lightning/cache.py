@@ -73,13 +73,18 @@ def _update_tensor(h, name: str, t: Tensor) -> None:
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def weights_digest(*modules: nn.Module) -> str:
-    """sha256 of the parameters and buffers (names, dtypes, shapes, bytes) of ``modules``."""
+def state_digest(*states: dict[str, Tensor]) -> str:
+    """sha256 of state dicts (names, dtypes, shapes, bytes), in order."""
     h = hashlib.sha256()
-    for k, module in enumerate(modules):
-        for name, t in sorted(module.state_dict().items()):
+    for k, state in enumerate(states):
+        for name, t in sorted(state.items()):
             _update_tensor(h, f"{k}.{name}", t)
     return h.hexdigest()
+
+
+def weights_digest(*modules: nn.Module) -> str:
+    """sha256 of the parameters and buffers (names, dtypes, shapes, bytes) of ``modules``."""
+    return state_digest(*(module.state_dict() for module in modules))
 
 
 def sequences_digest(seqs: TokenSequences) -> str:
@@ -233,7 +238,7 @@ def resolve_context_cache(path: str | Path | None, mode: str, expected: dict[str
 
     Returns ``(cache, message)``; the message says "cache hit" or why it was rebuilt.
     ``mode``: ``auto`` | ``require`` | ``off`` (see the module docstring). ``write``: this
-    process writes the rebuilt cache (rank 0 under DDP). Raises CVFPUserError in
+    process writes the rebuilt cache (rank 0 of a fit; evaluation never writes). Raises CVFPUserError in
     ``require`` mode when the cache is missing, unreadable or stale.
     """
     check(mode in CACHE_MODES, f"model.cache={mode!r} is unknown: expected one of {', '.join(CACHE_MODES)}.")
@@ -257,9 +262,10 @@ def resolve_context_cache(path: str | Path | None, mode: str, expected: dict[str
                             "on this data, point model.cache_path at the right cache, or set model.cache: auto "
                             "to rebuild it.")
     cache = build()
-    if write:
-        try:
-            save_context_cache(cache, path)
-        except OSError as exc:
-            return cache, f"{why}; contexts recomputed in {cache.seconds:.1f}s (could not write {path}: {exc})"
+    if not write:
+        return cache, f"{why}; contexts recomputed in {cache.seconds:.1f}s (not written)"
+    try:
+        save_context_cache(cache, path)
+    except OSError as exc:
+        return cache, f"{why}; contexts recomputed in {cache.seconds:.1f}s (could not write {path}: {exc})"
     return cache, f"{why}; contexts recomputed in {cache.seconds:.1f}s and the cache rewritten"

@@ -197,9 +197,17 @@ class CVFPCLI(LightningCLI):
             raise CVFPUserError(f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (no state_dict).")
         if sub == "fit" and ckpt.get("optimizer_states") and is_legacy_state_dict(ckpt["state_dict"]):
             raise CVFPUserError(f"--ckpt_path {ckpt_path!r}: {RESUME_REFUSED}")
-        saved = _flatten({k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")})
+        saved_hp = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
         model_cfg = self.config[sub].get("model")
-        current = _flatten(_to_plain(getattr(model_cfg, "init_args", None) or {}))
+        init_args = getattr(model_cfg, "init_args", None)
+        plain = _to_plain(init_args or {})
+        # options the model records at save time for its rebuild (Phase 2's Phase 1 pairing), when left null
+        recorded = getattr(_model_class(model_cfg), "RECORDED_ARGS", ())
+        taken = {k: v for k, v in saved_hp.items() if k in recorded and plain.get(k) is None and v is not None}
+        for key, value in taken.items():
+            init_args[key] = value
+        saved = _flatten({k: v for k, v in saved_hp.items() if k not in taken})
+        current = _flatten(plain)
         diffs = [f"{k}: checkpoint {saved[k]!r} vs config {current[k]!r}" for k in sorted(saved)
                  if k in current and k != "vocab_size" and saved[k] != current[k]]
         missing = sorted(k for k in saved if k not in current and k != "vocab_size")
@@ -210,6 +218,20 @@ class CVFPCLI(LightningCLI):
             raise CVFPUserError(f"--ckpt_path {ckpt_path!r} was trained with other settings; a resume must use the "
                                 f"same ones (the run's config.yaml holds them: --config <run>/config.yaml). "
                                 f"Differences: {'; '.join(diffs)}.")
+
+
+def _model_class(model_cfg) -> type | None:
+    """The class named by ``model.class_path`` (None when it cannot be imported)."""
+    import importlib
+
+    path = getattr(model_cfg, "class_path", None)
+    if not isinstance(path, str) or "." not in path:
+        return None
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
 
 
 def _check_config_files(args: list[str]) -> None:

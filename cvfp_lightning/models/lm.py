@@ -73,9 +73,13 @@ class CVFPLanguageModel(nn.Module):
         """Trainable parameters, a tied weight counted once."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def context_modules(self) -> tuple[TokenEmbedding, ContextUpdater]:
+        """The modules the contexts depend on: the embedding the context block reads, and the block."""
+        return (self.embedding if self.context_embedding is None else self.context_embedding), self.updater
+
     def context_embed(self, ids: Tensor) -> Tensor:
         """The embedding the context block reads: ``(...,) -> (..., E)``."""
-        return (self.embedding if self.context_embedding is None else self.context_embedding)(ids)
+        return self.context_modules()[0](ids)
 
     def logits(self, context_layers: list[Tensor], token_embed: Tensor) -> Tensor:
         """``[(..., d_l)] x L, (..., E) -> (..., V)``."""

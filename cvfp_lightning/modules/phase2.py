@@ -44,6 +44,7 @@ from cvfp_lightning.cache import (
     compute_context_cache,
     contexts_config,
     resolve_context_cache,
+    state_digest,
     weights_digest,
 )
 from cvfp_lightning.errors import CVFPUserError, check, check_positive
@@ -106,12 +107,36 @@ def load_phase1(path: Path, vocab_size: int = 0):
     return embedding, updater, hp
 
 
+def phase1_from_record(record: dict, vocab_size: int = 0):
+    """``(path, embedding, updater, hparams)`` of a recorded Phase 1 pairing, freshly initialised.
+
+    The weights are not read from the Phase 1 file: they are part of the Phase 2
+    checkpoint that carries the record and are loaded from it right after.
+    """
+    hp = record.get("hparams") if isinstance(record, dict) else None
+    check(isinstance(hp, dict) and {"vocab_size", "context", "embedding"} <= set(hp),
+          f"model.phase1={record!r} is not a Phase 1 pairing (expected the checkpoint, weights and hparams a "
+          "Phase 2 checkpoint records): leave model.phase1 unset.")
+    check(vocab_size <= 0 or int(hp["vocab_size"]) == vocab_size,
+          f"this Phase 2 model was trained with a vocabulary of {hp['vocab_size']} ids but the data's tokenizer has "
+          f"{vocab_size}: use the tokenizer (data settings) of that run.")
+    embedding = build_embedding(int(hp["vocab_size"]), hp["embedding"], default_dim=int(hp["context"]["context_dim"]),
+                                load_pretrained=False)
+    updater = build_context_updater(hp["context"], embedding.embed_dim)
+    return Path(str(record.get("checkpoint") or "")), embedding, updater, hp
+
+
 class Phase2LM(NextTokenModule):
     """Phase 2 CVFP language model (see the module docstring).
 
     Args:
         vocab_size: number of ids (linked from ``data.vocab_size``); must equal Phase 1's.
         phase1_checkpoint: the Phase 1 ``.ckpt`` (a glob pattern picks the newest match).
+        phase1: the Phase 1 pairing recorded in a Phase 2 checkpoint (``checkpoint``: the
+            resolved Phase 1 path, ``weights``: the digest of its embedding and context block,
+            ``hparams``: its ``vocab_size``, ``context``, ``embedding``). Leave it null: it is set
+            from the checkpoint by ``--ckpt_path`` and ``load_from_checkpoint``, and then the model
+            is built from it (weights from the checkpoint) instead of from ``phase1_checkpoint``.
         weight_tying: the head is the embedding matrix (shared storage) instead of a
             zero-initialised ``Linear(E, V)``.
         freeze_embedding: keep the embedding fixed (the seeds' setting with GPT-2 ``wte``).
@@ -129,8 +154,10 @@ class Phase2LM(NextTokenModule):
     """
 
     data_layout = "positions"
+    RECORDED_ARGS = ("phase1",)  # written into the checkpoint's hyper_parameters by on_save_checkpoint
 
-    def __init__(self, vocab_size: int = 0, phase1_checkpoint: str | None = None, weight_tying: bool = False,
+    def __init__(self, vocab_size: int = 0, phase1_checkpoint: str | None = None, phase1: dict | None = None,
+                 weight_tying: bool = False,
                  freeze_embedding: bool = True, lr: float = 1e-3, grad_clip: float = 1.0,
                  cache: Literal["auto", "require", "off"] = "auto", cache_path: str | None = None,
                  seq_batch_size: int = 256, prompts: list[str] | str | None = None, prompt_file: str | None = None,
@@ -145,10 +172,14 @@ class Phase2LM(NextTokenModule):
         self.max_new_tokens, self.temperature, self.top_k, self.greedy = max_new_tokens, temperature, top_k, greedy
         self.cache_mode, self.cache_path, self.seq_batch_size = cache, cache_path, seq_batch_size
 
-        self.phase1_path = resolve_checkpoint_path(phase1_checkpoint)
-        embedding, updater, p1 = load_phase1(self.phase1_path, vocab_size)
+        if phase1 is not None:  # the pairing of a Phase 2 checkpoint: its own weights follow
+            self.phase1_path, embedding, updater, p1 = phase1_from_record(phase1, vocab_size)
+        else:
+            self.phase1_path = resolve_checkpoint_path(phase1_checkpoint)
+            embedding, updater, p1 = load_phase1(self.phase1_path, vocab_size)
         self.phase1_hparams = p1
         self.lm = CVFPLanguageModel(embedding, updater, weight_tying=weight_tying, train_embedding=not freeze_embedding)
+        self.phase1_digest = weights_digest(*self.lm.context_modules())
         self.save_hyperparameters({"vocab_size": int(p1["vocab_size"]), "weight_tying": weight_tying,
                                    "freeze_embedding": freeze_embedding, "lr": lr, "grad_clip": grad_clip})
         self._contexts: dict[str, list[Tensor]] = {}
@@ -201,7 +232,7 @@ class Phase2LM(NextTokenModule):
         if self._contexts_for == key:
             return
         lm, p1 = self.lm, self.phase1_hparams
-        ctx_embedding = lm.embedding if lm.context_embedding is None else lm.context_embedding
+        ctx_embedding = lm.context_modules()[0]
         components = cache_components(ctx_embedding, lm.updater, dm,
                                       contexts_config(p1["vocab_size"], p1["context"], p1["embedding"]))
         strategy, world = self.trainer.strategy, self.trainer.world_size
@@ -215,7 +246,7 @@ class Phase2LM(NextTokenModule):
         cache, message = resolve_context_cache(
             self._cache_file(), self.cache_mode, components, lm.updater.layer_dims,
             {"train": dm.train_sequences.num_tokens, "val": dm.val_sequences.num_tokens}, build,
-            write=self.trainer.is_global_zero)
+            write=self.trainer.is_global_zero and self.trainer.state.fn == "fit")  # evaluation writes no cache
         if world > 1:
             strategy.barrier("Phase2LM contexts")
         self._contexts = cache.layers
@@ -260,13 +291,31 @@ class Phase2LM(NextTokenModule):
                 "contexts_s": self.context_seconds}
 
     # ---- checkpoints ---------------------------------------------------------------------------
+    def phase1_record(self) -> dict:
+        """The Phase 1 pairing: its resolved path, the digest of its weights and its hyperparameters."""
+        p1 = self.phase1_hparams
+        return {"checkpoint": str(self.phase1_path), "weights": self.phase1_digest,
+                "hparams": {"vocab_size": int(p1["vocab_size"]), "context": dict(p1["context"]),
+                            "embedding": dict(p1["embedding"])}}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[STATE_KEY] = {"phase1_checkpoint": str(self.phase1_path),
-                                 "phase1_weights": weights_digest(self.lm.updater)}
+        """Record the Phase 1 pairing; as the ``phase1`` argument, ``load_from_checkpoint`` and
+        ``--ckpt_path`` rebuild this model from it without the Phase 1 file."""
+        record = self.phase1_record()
+        checkpoint[STATE_KEY] = {"phase1_checkpoint": record["checkpoint"], "phase1_weights": record["weights"]}
+        checkpoint.setdefault("hyper_parameters", {})["phase1"] = record
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("state_dict", {})
+        record = (checkpoint.get("hyper_parameters") or {}).get("phase1")
+        if isinstance(record, dict) and record.get("weights"):
+            prefixes = ("lm.embedding." if self.lm.context_embedding is None else "lm.context_embedding.",
+                        "lm.updater.")
+            found = state_digest(*({k[len(p):]: v for k, v in state.items() if k.startswith(p)} for p in prefixes))
+            check(found == record["weights"],
+                  f"the checkpoint's context block is not the Phase 1 model it records ({record.get('checkpoint')}, "
+                  "weights digest differs): the file was altered; use the checkpoint its fit run wrote.")
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
