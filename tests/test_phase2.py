@@ -359,3 +359,37 @@ def test_a_phase2_checkpoint_whose_context_block_was_altered_is_refused(tmp_path
     with pytest.raises(CVFPUserError, match="not the Phase 1 model it records") as info:
         rebuilt.on_load_checkpoint(checkpoint)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_the_seeds_tied_head_starts_at_a_sane_loss_on_real_text(tmp_path, corpus):
+    """phase2_seed.yaml's settings (head tied to a frozen random 768-dim embedding) on English text:
+    the first loss is near ln V, not hundreds of nats, and two epochs train without a false fault."""
+    from conftest import read_scalars
+
+    ckpt = phase1_checkpoint(tmp_path / "p1" / "last.ckpt", V, embedding={"embed_dim": 768},
+                             context={"updater": "residual", "context_dim": 768, "num_layers": 1,
+                                      "token_input_all_layers": False})
+    run_cli(["fit", "--config", str(CONFIGS / "phase2_seed.yaml"), *QUIET, "--trainer.max_epochs", "2",
+             "--model.init_args.phase1_checkpoint", str(ckpt), "--model.init_args.cache", "off",
+             "--data", "cvfp_lightning.data.TextDataModule", "--data.init_args.paths", f"[{corpus}]",
+             "--data.init_args.sequences", "samples", "--data.init_args.max_seq_len", "512",
+             "--data.init_args.chunk_size", "1024", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+    scalars = read_scalars(tmp_path / "logs")
+    losses = [v for _, v in sorted(scalars["train/loss"])]
+    assert losses[0] < 2 * math.log(V), losses[:3]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert len(scalars["val/loss"]) == 2  # both epochs ran and validated
+
+
+def test_guard_judges_losses_not_an_overflowing_perplexity():
+    from cvfp_lightning.callbacks import NonFiniteGuard, TrainingDiverged
+
+    class Trainer:
+        current_epoch, global_step, checkpoint_callback = 0, 15, None
+        callback_metrics = {"train/loss": torch.tensor(130.0), "train/ppl": torch.tensor(float("inf"))}
+
+    NonFiniteGuard().on_train_epoch_end(Trainer(), None)  # exp(130) overflows float32: no fault
+    Trainer.callback_metrics = {"train/cvfp_loss": torch.tensor(float("nan"))}
+    with pytest.raises(TrainingDiverged, match="train/cvfp_loss = nan at epoch 0, step 15"):
+        NonFiniteGuard().on_train_epoch_end(Trainer(), None)

@@ -48,7 +48,7 @@ from cvfp_lightning.optim import configure_adam
 
 # the seed's model: context 256, embed 256, hidden 512, 2 FNN layers, the simple updater
 SEED_CONTEXT = {"updater": "simple", "context_dim": 256, "hidden_dim": 512, "num_layers": 2}
-SEED_EMBEDDING = {"embed_dim": 256, "freeze": False}
+SEED_EMBEDDING = {"embed_dim": 256, "freeze": False, "init_std": 1.0}  # torch's nn.Embedding init, as the seed
 
 
 @dataclass
