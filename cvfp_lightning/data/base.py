@@ -7,11 +7,12 @@ base class does the rest, the same way for every source:
    saved once to ``<cache_dir>/tokens/<key>.pt`` (key = sha256 of source, tokenizer and
    options); later runs load that file (``torch.load(weights_only=True)``).
 2. ``setup``: split samples into train / validation (held-out tail by default, or the
-   seed's "validation is a subset of training"), then one stream (seeds) or per-sample
+   seed documents' "validation is a subset of training"), then one stream (seeds) or per-sample
    sequences. Exposes ``train_sequences`` / ``val_sequences`` (:class:`TokenSequences`).
-3. Dataloaders in the layout the LightningModule asks for with its ``data_layout``
-   attribute: ``position_chunks`` (in-order chunks, Phase 1), ``positions`` (shuffled
-   positions, Phase 2) or ``windows`` (``(B, T)`` windows, baselines).
+3. Dataloaders in the layout the LightningModule names in the handshake
+   :meth:`TokenDataModule.connect` (called from its ``setup``): ``position_chunks``
+   (in-order chunks, Phase 1), ``positions`` (shuffled positions, Phase 2) or ``windows``
+   (``(B, T)`` windows, baselines); the predict loader serves the prompts it passes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from cvfp_lightning.data.prompts import prompt_loader
 from cvfp_lightning.data.sequences import (EpochShuffleSampler, PositionChunks, PositionCollate, PositionIndex,
                                            TokenSequences, Windows)
 from cvfp_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -36,6 +38,7 @@ from cvfp_lightning.io import atomic_torch_save, safe_torch_load
 log = logging.getLogger(__name__)
 
 SequenceMode = Literal["stream", "samples"]
+LAYOUTS = ("position_chunks", "positions", "windows")
 CACHE_VERSION = 1
 
 
@@ -55,7 +58,7 @@ class TokenDataModule(L.LightningDataModule):
 
     Args:
         tokenizer: HF hub name, local folder, or None for the bundled tokenizer.
-        sequences: ``stream`` (all samples concatenated into one sequence, the seeds'
+        sequences: ``stream`` (all samples concatenated into one sequence, the seed documents'
             layout) or ``samples`` (one sequence per sample; the context restarts at 0).
         num_samples: use only the first N samples (rows) of the source; None: all.
         train_samples: after the split, train on only the first N training samples while the
@@ -63,7 +66,7 @@ class TokenDataModule(L.LightningDataModule):
             the scaling experiment needs); None: all.
         val_fraction: share of samples held out for validation (the tail). With a single
             sample the tail tokens are held out instead.
-        val_subset_of_train: the seed's option: validation is the tail of the training
+        val_subset_of_train: the seed documents' option: validation is the tail of the training
             data (not held out).
         max_seq_len: ``samples`` mode: split longer samples into pieces of this length.
         add_eos: append the tokenizer's EOS id to every sample (a separator in streams).
@@ -106,6 +109,19 @@ class TokenDataModule(L.LightningDataModule):
         self.vocab_size: int = len(self.tokenizer) if self.tokenizer is not None else 0
         self.train_sequences: TokenSequences | None = None
         self.val_sequences: TokenSequences | None = None
+        self.layout = "position_chunks"  # set by connect()
+        self.prompts: list[str] = []
+
+    def connect(self, layout: str, prompts: list[str] | None = None) -> None:
+        """The handshake with the module (litgpt's ``DataModule.connect``), from its ``setup``.
+
+        Args:
+            layout: the batch layout it trains and evaluates on (:data:`LAYOUTS`).
+            prompts: the texts ``cvfp predict`` continues (the predict loader's items).
+        """
+        check(layout in LAYOUTS, f"data layout {layout!r} is unknown: expected one of {', '.join(LAYOUTS)}.")
+        self.layout = layout
+        self.prompts = list(prompts or [])
 
     # ---- hooks for subclasses -------------------------------------------------------
     def _load_tokenizer(self, name: str | None, trust_remote_code: bool):
@@ -225,19 +241,15 @@ class TokenDataModule(L.LightningDataModule):
         return seqs.split_long(self.max_seq_len) if self.max_seq_len else seqs
 
     # ---- dataloaders ------------------------------------------------------------------
-    def _layout(self) -> str:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return getattr(module, "data_layout", "position_chunks")
-
     def _loader(self, seqs: TokenSequences, train: bool) -> DataLoader:
-        """The loader for the module's ``data_layout``.
+        """The loader for the connected ``layout``.
 
         Evaluation loaders (and Phase 1's in-order chunks) are padded with empty batches /
         windows to a multiple of the DDP world size instead of the DistributedSampler's
         duplicates, so metrics synced over ranks count every token exactly once and equal a
         single process's.
         """
-        layout = self._layout()
+        layout = self.layout
         world = self.trainer.world_size if self.trainer is not None else 1
         if layout == "position_chunks" or (layout == "positions" and not train):
             return DataLoader(PositionChunks(seqs, self.chunk_size, world), batch_size=None, shuffle=False,
@@ -250,7 +262,7 @@ class TokenDataModule(L.LightningDataModule):
             windows = Windows(seqs, self.seq_len, pad_to_multiple=1 if train else world)
             return DataLoader(windows, batch_size=self.batch_size, num_workers=self.num_workers,
                               sampler=EpochShuffleSampler(len(windows)) if train else None)
-        raise ValueError(f"unknown data_layout {layout!r}")
+        raise ValueError(f"unknown layout {layout!r}")
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -264,10 +276,8 @@ class TokenDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if hasattr(module, "prompt_dataloader"):  # generation: the module's prompts, encoded with our tokenizer
-            return module.prompt_dataloader(self.tokenizer)
-        return self.val_dataloader()
+        """The connected prompts, encoded with this data's tokenizer (generation)."""
+        return prompt_loader(self.prompts, self.tokenizer)
 
     def state_dict(self) -> dict:
         """What the data was, so a resumed run can check it trains on the same tokens."""

@@ -2,7 +2,7 @@
 
 ``TokenSequences`` holds S sequences as one flat id tensor plus offsets (a CSR layout):
 sequence s is ``ids[offsets[s]:offsets[s+1]]``. A "stream" is the special case S = 1 (the
-seeds' concatenation of all samples).
+seed documents' concatenation of all samples).
 
 Two batch layouts, both plain dicts of tensors:
 

@@ -95,8 +95,8 @@ class UltraChatDataModule(TokenDataModule):
         split: split of the hub dataset (``train_sft``).
         data_files: local JSONL file(s) of the same shape (a ``messages`` list of
             ``{"role", "content"}`` per row), read with ``load_dataset("json", ...)``.
-        num_samples: first N rows (default 500, as in the seeds' largest scaling point).
-        tokenizer: default ``gpt2`` as in the seeds.
+        num_samples: first N rows (default 500, as in the seed documents' largest scaling point).
+        tokenizer: default ``gpt2`` as in the seed documents.
     """
 
     def __init__(self, dataset: str = ULTRACHAT, split: str = "train_sft",
@@ -149,10 +149,10 @@ class UltraChatDataModule(TokenDataModule):
 
 
 class SyntheticTokensDataModule(TokenDataModule):
-    """Token ids drawn uniformly from ``[0, vocab_size)`` with a fixed seed (no tokenizer).
+    """Token ids drawn uniformly from ``[0, vocab_size)`` with a fixed RNG seed (no tokenizer).
 
     The performance reference workload: 6400 train ids and 1280 validation ids from a
-    vocabulary of 50257, seed 42, one stream. ``samples`` mode cuts the train ids into
+    vocabulary of 50257, RNG seed 42, one stream. ``samples`` mode cuts the train ids into
     sequences of ``max_seq_len``.
     """
 

@@ -25,7 +25,7 @@ class EmbeddingConfig(ConfigMixin):
             ``save_pretrained``; its input embedding matrix initialises ours.
         freeze: keep the embedding fixed during training.
         layer_norm: LayerNorm (no affine) on the looked-up vectors.
-        init_std: std of the normal init of a learned embedding: N(0, 0.02), the seed code's
+        init_std: std of the normal init of a learned embedding: N(0, 0.02), the research code's
             stand-in for GPT-2's ``wte``. The context block reads ``LN(E[ids])``, so the scale
             matters only where the raw matrix is used: a head tied to it starts with logits of
             std ``init_std * sqrt(E)`` (0.55 at E = 768; with N(0, 1) they were 28 and the first

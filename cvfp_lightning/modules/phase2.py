@@ -9,14 +9,15 @@ context block and trains a token block and a head
 
 with ``c_il`` the output of context layer l after reading token i, and cross-entropy
 against id i+1. Since the context block is frozen, every position's contexts are fixed:
-they come from the context cache (:mod:`cvfp_lightning.cache`: "cache hit") or one
+they come from the context cache (:mod:`cvfp_lightning.context_cache`: "cache hit") or one
 sequential pass, and training draws shuffled batches of positions (``data_layout =
 "positions"``, batch size ``data.chunk_size``).
 
 Metrics, optimiser and best-weight handling: :class:`~cvfp_lightning.modules.lm_base.NextTokenModule`.
-Generation (``cvfp predict``): every prompt is read token by token with the update rule
-of training, then ``max_new_tokens`` ids are generated (greedy, or temperature and
-top-k sampling); the continuations are printed and written to
+Generation (``cvfp predict``): every prompt (served by the data module, which receives
+them through ``connect``) is read token by token with the update rule of training, then
+``max_new_tokens`` ids are generated (greedy, or temperature and top-k sampling);
+:class:`~cvfp_lightning.callbacks.GenerationWriter` prints the continuations and writes
 ``generations.jsonl`` in the run's log folder.
 
 Only training options are saved as hyperparameters; where the Phase 1 checkpoint lies,
@@ -26,7 +27,6 @@ the cache settings and the generation options may change between fit, test and p
 from __future__ import annotations
 
 import glob
-import json
 import os
 import time
 from pathlib import Path
@@ -35,20 +35,18 @@ from typing import Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from cvfp_lightning.cache import (
+from cvfp_lightning.context_cache import (
     CACHE_FILENAME,
     CACHE_MODES,
-    cache_components,
-    compute_context_cache,
-    contexts_config,
+    ContextSource,
     resolve_context_cache,
     state_digest,
     weights_digest,
 )
+from cvfp_lightning.data.prompts import read_prompts
 from cvfp_lightning.errors import CVFPUserError, check, check_positive
-from cvfp_lightning.io import atomic_write_text, safe_torch_load
+from cvfp_lightning.io import safe_torch_load
 from cvfp_lightning.models.context import build_context_updater
 from cvfp_lightning.models.embedding import build_embedding
 from cvfp_lightning.models.legacy import upgrade_legacy_state_dict
@@ -139,10 +137,10 @@ class Phase2LM(NextTokenModule):
             is built from it (weights from the checkpoint) instead of from ``phase1_checkpoint``.
         weight_tying: the head is the embedding matrix (shared storage) instead of a
             zero-initialised ``Linear(E, V)``.
-        freeze_embedding: keep the embedding fixed (the seeds' setting with GPT-2 ``wte``).
+        freeze_embedding: keep the embedding fixed (the seed documents' setting with GPT-2 ``wte``).
         lr: Adam learning rate.
         grad_clip: max gradient norm (0 disables).
-        cache: ``auto`` | ``require`` | ``off`` (see :mod:`cvfp_lightning.cache`).
+        cache: ``auto`` | ``require`` | ``off`` (see :mod:`cvfp_lightning.context_cache`).
         cache_path: cache file; default ``context_cache.pt`` next to ``phase1_checkpoint``.
         seq_batch_size: sequences per batch of the sequential pass.
         prompts: generation prompts (``cvfp predict``).
@@ -168,7 +166,8 @@ class Phase2LM(NextTokenModule):
         check_positive("model.lr", lr)
         check_positive("model.grad_clip", grad_clip, allow_zero=True)
         check_positive("model.seq_batch_size", seq_batch_size)
-        self.prompts = self._check_generation(prompts, prompt_file, max_new_tokens, temperature, top_k)
+        self._check_generation(max_new_tokens, temperature, top_k)
+        self.prompts = read_prompts(prompts, prompt_file)
         self.max_new_tokens, self.temperature, self.top_k, self.greedy = max_new_tokens, temperature, top_k, greedy
         self.cache_mode, self.cache_path, self.seq_batch_size = cache, cache_path, seq_batch_size
 
@@ -187,11 +186,10 @@ class Phase2LM(NextTokenModule):
         self._contexts_for: tuple | None = None
         self.context_status = ""
         self.context_seconds = 0.0
-        self._generations: list[dict] = []
 
     # ---- options -----------------------------------------------------------------------------
     @staticmethod
-    def _check_generation(prompts, prompt_file, max_new_tokens, temperature, top_k) -> list[str]:
+    def _check_generation(max_new_tokens, temperature, top_k) -> None:
         check(isinstance(temperature, (int, float)) and temperature > 0,
               f"model.temperature={temperature!r} is invalid: expected a number > 0 (use model.greedy: true for "
               "the most likely token).")
@@ -199,22 +197,6 @@ class Phase2LM(NextTokenModule):
               f"model.max_new_tokens={max_new_tokens!r} is invalid: expected a positive integer.")
         check(top_k is None or (isinstance(top_k, int) and top_k > 0),
               f"model.top_k={top_k!r} is invalid: expected a positive integer or null (all ids).")
-        out = [prompts] if isinstance(prompts, str) else list(prompts or [])
-        for k, p in enumerate(out):
-            check(isinstance(p, str) and p.strip() != "",
-                  f"model.prompts[{k}]={p!r} is empty: give some text to continue.")
-        if prompt_file:
-            path = Path(prompt_file).expanduser()
-            check(path.is_file(), f"model.prompt_file={prompt_file!r} does not exist: give a UTF-8 text file with "
-                                  "one prompt per line.")
-            try:
-                lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            except UnicodeDecodeError as exc:
-                raise CVFPUserError(f"model.prompt_file={prompt_file!r} is not UTF-8 text ({exc.reason}).") from None
-            check(len(lines) > 0, f"model.prompt_file={prompt_file!r} holds no prompt (only empty lines): "
-                                  "write one prompt per line.")
-            out += lines
-        return out
 
     def _cache_file(self) -> Path:
         return Path(self.cache_path) if self.cache_path else self.phase1_path.parent / CACHE_FILENAME
@@ -231,24 +213,14 @@ class Phase2LM(NextTokenModule):
         key = (id(dm.train_sequences), id(dm.val_sequences))
         if self._contexts_for == key:
             return
-        lm, p1 = self.lm, self.phase1_hparams
-        ctx_embedding = lm.context_modules()[0]
-        components = cache_components(ctx_embedding, lm.updater, dm,
-                                      contexts_config(p1["vocab_size"], p1["context"], p1["embedding"]))
-        strategy, world = self.trainer.strategy, self.trainer.world_size
-
-        def build():
-            return compute_context_cache(lm.updater, ctx_embedding, dm.train_sequences, dm.val_sequences, components,
-                                         self.seq_batch_size, rank=self.global_rank, world_size=world,
-                                         reduce=lambda t: strategy.reduce(t, reduce_op="sum"))
-
+        source = ContextSource(*self.lm.context_modules(), dm, self.phase1_hparams)
         start = time.perf_counter()
         cache, message = resolve_context_cache(
-            self._cache_file(), self.cache_mode, components, lm.updater.layer_dims,
-            {"train": dm.train_sequences.num_tokens, "val": dm.val_sequences.num_tokens}, build,
+            self._cache_file(), self.cache_mode, source.components, self.lm.updater.layer_dims, source.num_tokens,
+            lambda: source.compute(self.trainer, self.seq_batch_size),
             write=self.trainer.is_global_zero and self.trainer.state.fn == "fit")  # evaluation writes no cache
-        if world > 1:
-            strategy.barrier("Phase2LM contexts")
+        if self.trainer.world_size > 1:
+            self.trainer.strategy.barrier("Phase2LM contexts")
         self._contexts = cache.layers
         self._embed_table = cache.embeddings
         self._contexts_for = key
@@ -330,39 +302,10 @@ class Phase2LM(NextTokenModule):
         self._contexts_for = None  # weights may have changed: contexts are checked again
 
     # ---- generation ----------------------------------------------------------------------------
-    def prompt_dataloader(self, tokenizer) -> DataLoader:
-        """One item per prompt: ``{"prompt": str, "ids": (T,) int64}`` (used by ``cvfp predict``)."""
-        check(tokenizer is not None, "generation needs a tokenizer: use a text data module (data.tokenizer).")
-        check(len(self.prompts) > 0, "cvfp predict has no prompt: pass --model.prompts '[\"Some text\"]' or "
-                                     "--model.prompt_file prompts.txt (one prompt per line).")
-        items = []
-        for k, prompt in enumerate(self.prompts):
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            check(len(ids) > 0, f"prompt {k} ({prompt!r}) gives no tokens: give some text to continue.")
-            items.append({"prompt": prompt, "ids": torch.tensor(ids, dtype=torch.long)})
-        return DataLoader(items, batch_size=None, shuffle=False)
-
-    def on_predict_start(self) -> None:
-        super().on_predict_start()
-        self._generations = []
+    def data_request(self) -> dict:
+        return {**super().data_request(), "prompts": self.prompts}
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        """``{"prompt": str, "ids": (T,)} -> {"prompt", "ids": (max_new_tokens,) the generated ids}``."""
         new_ids = self.lm.generate(batch["ids"], self.max_new_tokens, self.temperature, self.top_k, self.greedy)
-        continuation = tokenizer.decode(new_ids.tolist(), clean_up_tokenization_spaces=False)
-        out = {"prompt": batch["prompt"], "continuation": continuation, "new_tokens": int(new_ids.numel()),
-               "ids": new_ids.tolist()}
-        self._generations.append(out)
-        return out
-
-    def on_predict_end(self) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        for g in self._generations:
-            print(f"--- prompt: {g['prompt']!r} ({g['new_tokens']} new tokens)\n{g['prompt']}{g['continuation']}\n",
-                  flush=True)
-        log_dir = self.trainer.log_dir if self.trainer.loggers else None  # no logger: no files
-        if log_dir:
-            path = Path(log_dir) / "generations.jsonl"
-            atomic_write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in self._generations), path)
-            rank_zero_info(f"Phase2LM: {len(self._generations)} continuations written to {path}")
+        return {"prompt": batch["prompt"], "ids": new_ids}
