@@ -5,6 +5,9 @@
     cvfp fit --config configs/phase1.yaml --trainer.devices 2 --trainer.strategy ddp
     cvfp fit --config configs/phase1.yaml --print_config > my.yaml
     cvfp scaling --config configs/scaling.yaml                    # the scaling-law experiment
+    cvfp export --ckpt_path <run>/checkpoints/best.ckpt --out_dir exports/phase2   # a Hugging Face-style folder
+    cvfp evaluate exports/phase2 --text held_out.txt              # loss, ppl, acc, bpb of whole files
+    cvfp generate exports/phase2 --prompt "The for statement"     # continue prompts
 
 Any LightningModule / LightningDataModule can be named with ``class_path`` in a config.
 ``data.vocab_size`` is linked to the model. User errors (bad values, missing files,
@@ -274,6 +277,10 @@ def main(argv: list[str] | None = None) -> None:
             from cvfp_lightning.experiments.scaling import main as scaling_main
 
             scaling_main(argv[1:])
+        elif argv and argv[0] in ("export", "evaluate", "generate"):  # cvfp_lightning/<command>.py: main(argv)
+            import importlib
+
+            importlib.import_module(f"cvfp_lightning.{argv[0]}").main(argv[1:])
         else:
             _run_cli(argv)
     except Exception as exc:  # noqa: BLE001 - only user errors are shortened, others re-raised
