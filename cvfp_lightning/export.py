@@ -322,7 +322,11 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: boo
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         model.save_pretrained(tmp, model_card_kwargs={"body": body})
-        os.chmod(tmp, 0o755)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp and safetensors create private files: an export is for sharing
+        for path in tmp.iterdir():
+            os.chmod(path, 0o666 & ~umask)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

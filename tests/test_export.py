@@ -101,6 +101,9 @@ def test_the_export_folder_is_a_hugging_face_folder(exports, runs):
     assert "Head: Linear(E, V), zero-initialised" in card and "4096 ids" in card
     assert "BaselineModel.from_pretrained" in (exports["gru"] / "README.md").read_text()
     assert not list(runs["root"].glob("exports/.*"))  # no temporary folder left behind
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {oct(0o666 & ~umask)}  # readable as shared
 
 
 @pytest.mark.parametrize("name", ["frozen", "tied"])
