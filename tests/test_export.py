@@ -451,3 +451,20 @@ def test_train_export_evaluate_generate(tmp_path, corpus, capsys):
                  *extra[0], "--out", str(out)])
         generated = json.loads(out.read_text().splitlines()[0])
         assert generated == predicted
+
+
+def test_a_checkpoint_without_a_tokenizer_exports_with_tokenizer_given(runs, tmp_path, capsys):
+    from cvfp_lightning.data.snapshot import SNAPSHOT_KEY
+
+    ckpt = torch.load(runs["gru"], weights_only=True)
+    for value in ckpt.values():
+        if isinstance(value, dict):
+            value.pop(SNAPSHOT_KEY, None)  # as written before checkpoints carried it
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    line = cli_error(["export", "--ckpt_path", str(old), "--out_dir", str(tmp_path / "x")], capsys)
+    assert "carries no tokenizer" in line and "--tokenizer" in line
+    run_cli(["export", "--ckpt_path", str(old), "--out_dir", str(tmp_path / "x"), "--tokenizer", "bundled"])
+    model = load_exported(tmp_path / "x")
+    assert tokenizer_fingerprint(model.tokenizer) == tokenizer_fingerprint(load_tokenizer(None))
+    assert model.arrangement == {}  # unknown: evaluation then reads one sequence per paragraph
