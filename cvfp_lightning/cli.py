@@ -4,6 +4,9 @@
     cvfp fit --config configs/phase1.yaml --ckpt_path last # resume the latest run
     cvfp scaling --config configs/scaling.yaml             # the scaling-law experiment
     cvfp --help                                            # every subcommand
+    cvfp export --ckpt_path <run>/checkpoints/best.ckpt --out_dir exports/phase2
+    cvfp evaluate exports/phase2 --text held_out.txt       # loss, ppl, acc, bpb of whole files
+    cvfp generate exports/phase2 --prompt "The for statement"
 
 Each entry is ``module:function`` taking the arguments after the subcommand (the Lightning
 subcommands' entry takes the subcommand too: it is LightningCLI's own); modules are imported
@@ -31,6 +34,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                 "the scaling law: Phase 1 + Phase 2 per data size, fit log(PPL) against log(tokens)"),
     "token-scaling": ("cvfp_lightning.experiments.token_count_scaling:main",
                       "Phase 1 token-wise convergence against the number of distinct tokens"),
+    "export": ("cvfp_lightning.export:main", "write a checkpoint as a Hugging Face-style model folder"),
+    "evaluate": ("cvfp_lightning.evaluate:main", "score whole text files with a model folder or checkpoint"),
+    "generate": ("cvfp_lightning.generate:main", "continue prompts with a model folder or checkpoint"),
 }
 
 

@@ -11,11 +11,11 @@ PKG = Path(__file__).resolve().parents[1] / "cvfp_lightning"
 LAYERS = [
     ("foundation", ("errors", "io", "runtime")),
     ("models, maths and data", ("models", "solvers", "losses", "metrics", "optim", "diagnostics", "data",
-                                "sequential_pass")),
+                                "sequential_pass", "generation", "hub")),
     ("the context cache", ("context_cache",)),
     ("LightningModules", ("modules",)),
     ("callbacks", ("callbacks",)),
-    ("runs and experiments", ("lightning_cli", "runs", "experiments")),
+    ("runs and experiments", ("lightning_cli", "runs", "experiments", "export", "evaluate", "generate")),
     ("the entry point", ("cli", "__main__")),
 ]
 

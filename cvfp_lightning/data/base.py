@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from cvfp_lightning.data.prompts import prompt_loader
 from cvfp_lightning.data.sequences import (EpochShuffleSampler, PositionChunks, PositionCollate, PositionIndex,
                                            TokenSequences, Windows)
+from cvfp_lightning.data.snapshot import SNAPSHOT_KEY, data_snapshot
 from cvfp_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from cvfp_lightning.errors import CVFPUserError, check, check_fraction, check_positive
 from cvfp_lightning.io import atomic_torch_save, safe_torch_load
@@ -280,8 +281,9 @@ class TokenDataModule(L.LightningDataModule):
         return prompt_loader(self.prompts, self.tokenizer)
 
     def state_dict(self) -> dict:
-        """What the data was, so a resumed run can check it trains on the same tokens."""
-        return {"cache_key": self.cache_key(), "vocab_size": self.vocab_size}
+        """What the data was, so a resumed run can check it trains on the same tokens, and the
+        tokenizer and arrangement an exported model needs (:mod:`cvfp_lightning.data.snapshot`)."""
+        return {"cache_key": self.cache_key(), "vocab_size": self.vocab_size, SNAPSHOT_KEY: data_snapshot(self)}
 
     def load_state_dict(self, state: dict) -> None:
         key = state.get("cache_key")

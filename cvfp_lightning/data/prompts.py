@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -10,24 +11,38 @@ from torch.utils.data import DataLoader
 from cvfp_lightning.errors import CVFPUserError, check
 
 
-def read_prompts(prompts: list[str] | str | None = None, prompt_file: str | None = None) -> list[str]:
-    """``prompts`` (a string or a list of them) followed by the non-empty lines of ``prompt_file``.
+def _named(option: str, value, index: int | None = None) -> str:
+    """How a message names a value: ``model.prompts[0]='x'`` for a config key, ``--prompt 'x' (prompt 0)`` for a flag."""
+    if option.startswith("--"):
+        return f"{option} {value!r}" + (f" (prompt {index})" if index is not None else "")
+    return f"{option}{'' if index is None else f'[{index}]'}={value!r}"
 
-    Raises CVFPUserError (one line) for an empty prompt, a missing or non-UTF-8 file, or a
-    file that holds no prompt.
+
+def read_prompts(prompts: list[str] | str | None = None, prompt_file: str | None = None,
+                 names: tuple[str, str] = ("model.prompts", "model.prompt_file")) -> list[str]:
+    """``prompts`` (a string or a list of them) followed by the non-empty lines of ``prompt_file``
+    (``-``: standard input).
+
+    Raises CVFPUserError (one line, naming the options ``names``) for an empty prompt, a
+    missing or non-UTF-8 file, or a file that holds no prompt.
     """
+    option, file_option = names
     out = [prompts] if isinstance(prompts, str) else list(prompts or [])
     for k, p in enumerate(out):
-        check(isinstance(p, str) and p.strip() != "", f"model.prompts[{k}]={p!r} is empty: give some text to continue.")
+        check(isinstance(p, str) and p.strip() != "", f"{_named(option, p, k)} is empty: give some text to continue.")
     if prompt_file:
-        path = Path(prompt_file).expanduser()
-        check(path.is_file(), f"model.prompt_file={prompt_file!r} does not exist: give a UTF-8 text file with "
-                              "one prompt per line.")
+        if prompt_file == "-":
+            raw = sys.stdin.buffer.read()
+        else:
+            path = Path(prompt_file).expanduser()
+            check(path.is_file(), f"{_named(file_option, prompt_file)} does not exist: give a UTF-8 text file with "
+                                  "one prompt per line, or - for standard input.")
+            raw = path.read_bytes()
         try:
-            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            lines = [line for line in raw.decode("utf-8").splitlines() if line.strip()]
         except UnicodeDecodeError as exc:
-            raise CVFPUserError(f"model.prompt_file={prompt_file!r} is not UTF-8 text ({exc.reason}).") from None
-        check(len(lines) > 0, f"model.prompt_file={prompt_file!r} holds no prompt (only empty lines): "
+            raise CVFPUserError(f"{_named(file_option, prompt_file)} is not UTF-8 text ({exc.reason}).") from None
+        check(len(lines) > 0, f"{_named(file_option, prompt_file)} holds no prompt (only empty lines): "
                               "write one prompt per line.")
         out += lines
     return out

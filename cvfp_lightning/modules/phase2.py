@@ -16,8 +16,8 @@ sequential pass, and training draws shuffled batches of positions (``data_layout
 Metrics, optimiser and best-weight handling: :class:`~cvfp_lightning.modules.lm_base.NextTokenModule`.
 Generation (``cvfp predict``): every prompt (served by the data module, which receives
 them through ``connect``) is read token by token with the update rule of training, then
-``max_new_tokens`` ids are generated (greedy, or temperature and top-k sampling);
-:class:`~cvfp_lightning.callbacks.GenerationWriter` prints the continuations and writes
+``max_new_tokens`` ids are generated (greedy, or temperature, top-k and top-p sampling,
+:mod:`cvfp_lightning.generation`); :class:`~cvfp_lightning.callbacks.GenerationWriter` prints the continuations and writes
 ``generations.jsonl`` in the run's log folder.
 
 Only training options are saved as hyperparameters; where the Phase 1 checkpoint lies,
@@ -46,6 +46,7 @@ from cvfp_lightning.context_cache import (
 )
 from cvfp_lightning.data.prompts import read_prompts
 from cvfp_lightning.errors import CVFPUserError, check, check_positive
+from cvfp_lightning.generation import check_sampling
 from cvfp_lightning.io import safe_torch_load
 from cvfp_lightning.models.context import build_context_updater
 from cvfp_lightning.models.embedding import build_embedding
@@ -148,7 +149,10 @@ class Phase2LM(NextTokenModule):
         max_new_tokens: ids generated per prompt.
         temperature: softmax temperature (> 0) of sampling.
         top_k: sample among the k most likely ids (null: all).
+        top_p: sample among the most likely ids whose probabilities sum to top_p (null: all).
         greedy: take the most likely id instead of sampling.
+        seed: seed of every prompt's samples (null: the run's global RNG, set by ``seed_everything``);
+            ``cvfp generate --seed`` of the exported model gives the same continuations.
     """
 
     data_layout = "positions"
@@ -160,15 +164,16 @@ class Phase2LM(NextTokenModule):
                  cache: Literal["auto", "require", "off"] = "auto", cache_path: str | None = None,
                  seq_batch_size: int = 256, prompts: list[str] | str | None = None, prompt_file: str | None = None,
                  max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
-                 greedy: bool = False):
+                 greedy: bool = False, top_p: float | None = None, seed: int | None = None):
         super().__init__()
         check(cache in CACHE_MODES, f"model.cache={cache!r} is unknown: expected one of {', '.join(CACHE_MODES)}.")
         check_positive("model.lr", lr)
         check_positive("model.grad_clip", grad_clip, allow_zero=True)
         check_positive("model.seq_batch_size", seq_batch_size)
-        self._check_generation(max_new_tokens, temperature, top_k)
+        check_sampling(temperature, top_k, top_p, max_new_tokens, prefix="model.")
         self.prompts = read_prompts(prompts, prompt_file)
         self.max_new_tokens, self.temperature, self.top_k, self.greedy = max_new_tokens, temperature, top_k, greedy
+        self.top_p, self.seed = top_p, seed
         self.cache_mode, self.cache_path, self.seq_batch_size = cache, cache_path, seq_batch_size
 
         if phase1 is not None:  # the pairing of a Phase 2 checkpoint: its own weights follow
@@ -186,17 +191,6 @@ class Phase2LM(NextTokenModule):
         self._contexts_for: tuple | None = None
         self.context_status = ""
         self.context_seconds = 0.0
-
-    # ---- options -----------------------------------------------------------------------------
-    @staticmethod
-    def _check_generation(max_new_tokens, temperature, top_k) -> None:
-        check(isinstance(temperature, (int, float)) and temperature > 0,
-              f"model.temperature={temperature!r} is invalid: expected a number > 0 (use model.greedy: true for "
-              "the most likely token).")
-        check(isinstance(max_new_tokens, int) and max_new_tokens > 0,
-              f"model.max_new_tokens={max_new_tokens!r} is invalid: expected a positive integer.")
-        check(top_k is None or (isinstance(top_k, int) and top_k > 0),
-              f"model.top_k={top_k!r} is invalid: expected a positive integer or null (all ids).")
 
     def _cache_file(self) -> Path:
         return Path(self.cache_path) if self.cache_path else self.phase1_path.parent / CACHE_FILENAME
@@ -307,5 +301,6 @@ class Phase2LM(NextTokenModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """``{"prompt": str, "ids": (T,)} -> {"prompt", "ids": (max_new_tokens,) the generated ids}``."""
-        new_ids = self.lm.generate(batch["ids"], self.max_new_tokens, self.temperature, self.top_k, self.greedy)
+        new_ids = self.lm.generate(batch["ids"], self.max_new_tokens, self.temperature, self.top_k, self.greedy,
+                                   top_p=self.top_p, seed=self.seed)
         return {"prompt": batch["prompt"], "ids": new_ids}
