@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "cvfp_lightning"
 LAYERS = [
     ("foundation", ("errors", "io", "runtime")),
     ("models, maths and data", ("models", "solvers", "losses", "metrics", "optim", "diagnostics", "data",
-                                "sequential_pass", "generation", "hub")),
+                                "sequential_pass", "generation", "hub", "context_store")),
     ("the context cache", ("context_cache",)),
     ("LightningModules", ("modules",)),
     ("callbacks", ("callbacks",)),
