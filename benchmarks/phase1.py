@@ -1,4 +1,4 @@
-"""Phase 1 benchmark on the seed code's reference workload, through the real Phase1FixedPoint.
+"""Phase 1 benchmark on the seed code's reference workload, through the real Phase1Parallel.
 
 Workload (DESIGN.md "Reference figures"): 6400 token ids uniform in [0, 50257) with seed 42
 (validation: 1280 more), frozen random 768-dim embedding, ``residual`` updater 6 x 768,
@@ -44,7 +44,7 @@ def one_run(mode: str, all_layers: bool, max_iterations: int, num_tokens: int = 
 
     from cvfp_lightning.callbacks import ConvergenceEarlyStopping
     from cvfp_lightning.data import SyntheticTokensDataModule
-    from cvfp_lightning.modules import Phase1FixedPoint
+    from cvfp_lightning.modules import Phase1Parallel
     from cvfp_lightning.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()  # off with CVFP_MALLOC_TUNING=0
@@ -55,7 +55,7 @@ def one_run(mode: str, all_layers: bool, max_iterations: int, num_tokens: int = 
                                    sequences="samples" if samples else "stream",
                                    max_seq_len=128 if samples else None,
                                    chunk_size=int(os.environ.get("BENCH_CHUNK", "1600")))
-    model = Phase1FixedPoint(vocab_size=50257,
+    model = Phase1Parallel(vocab_size=50257,
                              context={"updater": "residual", "context_dim": 768, "num_layers": 6,
                                       "token_input_all_layers": all_layers},
                              embedding={"embed_dim": 768, "freeze": True}, dist_reg_weight=0.8, noise_std=0.1,

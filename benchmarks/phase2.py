@@ -55,14 +55,14 @@ def main() -> None:
 
     from cvfp_lightning.data import TextDataModule
     from cvfp_lightning.models.baselines import count_trainable
-    from cvfp_lightning.modules import BaselineLM, Phase1FixedPoint, Phase2LM
+    from cvfp_lightning.modules import BaselineLM, Phase1Parallel, Phase2LM
     from cvfp_lightning.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()  # off with CVFP_MALLOC_TUNING=0
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     tmp = Path(tempfile.mkdtemp())
     L.seed_everything(42, verbose=False)
-    p1 = Phase1FixedPoint(vocab_size=4096, context={"updater": "residual", "context_dim": 128, "num_layers": 3,
+    p1 = Phase1Parallel(vocab_size=4096, context={"updater": "residual", "context_dim": 128, "num_layers": 3,
                                                     "init_std": 0.3}, embedding={"embed_dim": 128})
     ckpt = tmp / "phase1.ckpt"
     torch.save({"state_dict": p1.state_dict(), "hyper_parameters": dict(p1.hparams), "epoch": 0}, ckpt)
@@ -116,7 +116,7 @@ def reference(args) -> None:
 
     from cvfp_lightning.data import SyntheticTokensDataModule
     from cvfp_lightning.models.baselines import count_trainable
-    from cvfp_lightning.modules import Phase1FixedPoint, Phase2LM
+    from cvfp_lightning.modules import Phase1Parallel, Phase2LM
     from cvfp_lightning.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()
@@ -126,7 +126,7 @@ def reference(args) -> None:
     context_s: list[float] = []
     for run in range(args.runs):
         L.seed_everything(42, verbose=False)
-        p1 = Phase1FixedPoint(vocab_size=50257, context={"updater": "residual", "context_dim": 768, "num_layers": 6,
+        p1 = Phase1Parallel(vocab_size=50257, context={"updater": "residual", "context_dim": 768, "num_layers": 6,
                                                          "token_input_all_layers": False},
                               embedding={"embed_dim": 768, "freeze": True})
         ckpt = tmp / "phase1.ckpt"

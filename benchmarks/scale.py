@@ -182,7 +182,10 @@ DATA_STAGE = textwrap.dedent("""
     dm.setup()
     batches = 0
     for layout in ("position_chunks", "positions", "windows"):
-        dm.trainer = types.SimpleNamespace(lightning_module=types.SimpleNamespace(data_layout=layout), world_size=1)
+        if hasattr(dm, "connect"):
+            dm.connect(layout)
+        else:  # checkouts from before the connect handshake read the module's data_layout
+            dm.trainer = types.SimpleNamespace(lightning_module=types.SimpleNamespace(data_layout=layout), world_size=1)
         for seqs, train in ((dm.train_sequences, True), (dm.val_sequences, False)):
             for batch in dm._loader(seqs, train):
                 batches += 1

@@ -4,7 +4,7 @@
   a threshold.
 - :class:`EffectiveRank`: Roy & Vetterli effective rank of the *uncentred* context matrix,
   ``p = s / sum(s)`` over its singular values, ``ER = exp(-sum p ln p)``, on at most
-  ``max_rows`` rows sampled with a fixed seed; ``percent=True`` reports ``100 ER / D``.
+  ``max_rows`` rows sampled with a fixed RNG seed; ``percent=True`` reports ``100 ER / D``.
 """
 
 from __future__ import annotations
@@ -49,15 +49,30 @@ def singular_values(matrix: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0)
 
 
+def spectrum_rank(s: Tensor) -> Tensor:
+    """Roy-Vetterli effective rank of singular values ``s``: ``exp(-sum p ln p)``, ``p = s / sum(s)`` (0 if all 0)."""
+    s = s.double()
+    total = s.sum()
+    if total <= 0:
+        return torch.tensor(0.0)
+    p = s / total
+    p = p[p > 0]
+    return torch.exp(-(p * p.log()).sum()).float()
+
+
 def effective_rank(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """Roy-Vetterli effective rank of ``matrix (n, D)`` (uncentred). Returns (ER, singular values)."""
     s = singular_values(matrix)
-    total = s.sum()
-    if total <= 0:
-        return torch.tensor(0.0), s.float()
-    p = s / total
-    p = p[p > 0]
-    return torch.exp(-(p * p.log()).sum()).float(), s.float()
+    return spectrum_rank(s), s.float()
+
+
+def sample_rows(rows: Tensor, max_rows: int, seed: int = 0) -> Tensor:
+    """At most ``max_rows`` rows of ``rows (n, D)``, in order, drawn by ``randperm`` with ``seed`` (the same on every rank)."""
+    if rows.shape[0] <= max_rows:
+        return rows
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(rows.shape[0], generator=g)[:max_rows].sort().values
+    return rows[idx.to(rows.device)]
 
 
 class EffectiveRank(Metric):
@@ -81,11 +96,7 @@ class EffectiveRank(Metric):
         self.rows.append(contexts.detach().float().reshape(-1, contexts.shape[-1]))
 
     def compute(self) -> Tensor:
-        rows = dim_zero_cat(self.rows)
-        if rows.shape[0] > self.max_rows:
-            g = torch.Generator().manual_seed(self.seed)
-            idx = torch.randperm(rows.shape[0], generator=g)[: self.max_rows].sort().values
-            rows = rows[idx.to(rows.device)]
+        rows = sample_rows(dim_zero_cat(self.rows), self.max_rows, self.seed)
         er, s = effective_rank(rows.cpu())
         self.last_singular_values = s
         value = 100.0 * er / rows.shape[1] if self.percent else er

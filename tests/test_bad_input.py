@@ -62,7 +62,8 @@ CASES = [
     ("dist_reg_weight > 1", ["--model.init_args.dist_reg_weight", "1.5"], "dist_reg_weight=1.5"),
     ("dist_reg_weight < 0", ["--model.init_args.dist_reg_weight", "-0.1"], "dist_reg_weight=-0.1"),
     ("negative lr", ["--model.init_args.lr=-1e-3"], "lr=-0.001"),
-    ("unknown mode", ["--model.init_args.mode", "serial"], "serial"),
+    ("unknown mode", ["--model.class_path", "cvfp_lightning.modules.Phase1FixedPoint", "--model.init_args.mode",
+                      "serial"], "serial"),
     ("unknown updater", ["--model.init_args.context.updater", "lstm"], "lstm"),
     ("unknown centring", ["--model.init_args.diversity_center", "median"], "median"),
     ("negative max_epochs", ["--trainer.max_epochs", "-5"], "max_epochs"),
@@ -85,8 +86,9 @@ CASES = [
     ("resume last with nothing to resume", ["--ckpt_path", "last", "--trainer.logger.init_args.name", "nothing"],
      "no last.ckpt"),
     ("unparsable config", ["--config", "{bad}"], "bad.yaml"),
-    ("tokenwise warmup >= max", ["--model.init_args.mode", "tokenwise", "--model.init_args.warmup_iterations", "5",
-                                 "--model.init_args.max_inner_iterations", "5"], "warmup_iterations=5"),
+    ("tokenwise warmup >= max", ["--model.class_path", "cvfp_lightning.modules.Phase1Tokenwise",
+                                 "--model.init_args.warmup_iterations", "5", "--model.init_args.max_inner_iterations",
+                                 "5"], "warmup_iterations=5"),
 ]
 
 

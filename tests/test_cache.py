@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cvfp_lightning import CVFPUserError
-from cvfp_lightning.cache import (
+from cvfp_lightning.context_cache import (
     cache_components,
     compute_context_cache,
     contexts_config,
@@ -22,7 +22,7 @@ from cvfp_lightning.callbacks import ContextCacheHandoff
 from cvfp_lightning.data import TokenSequences
 from cvfp_lightning.models import build_context_updater, build_embedding
 from cvfp_lightning.modules import Phase1FixedPoint, Phase2LM
-from cvfp_lightning.passes import sequential_pass
+from cvfp_lightning.sequential_pass import sequential_pass
 from lm_helpers import SMALL_CONTEXT, phase1_checkpoint, text_data, trainer
 
 V = 4096

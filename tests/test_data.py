@@ -179,7 +179,7 @@ import logging  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from cvfp_lightning.cache import _update_tensor, sequences_digest  # noqa: E402
+from cvfp_lightning.context_cache import _update_tensor, sequences_digest  # noqa: E402
 from cvfp_lightning.data.sequences import IGNORE_INDEX, EpochShuffleSampler  # noqa: E402
 from cvfp_lightning.data.token_cache import TokenCacheWriter, read_token_cache  # noqa: E402
 
@@ -278,20 +278,14 @@ def test_val_and_test_files(corpus, tmp_path):
         TextDataModule(paths=[str(corpus)], test_paths=str(tmp_path / "missing.txt"))
 
 
-class _Trainer:
-    def __init__(self, layout: str):
-        self.lightning_module = type("M", (), {"data_layout": layout})()
-        self.world_size = 1
-
-
 def test_test_dataloader_reads_the_test_split_or_falls_back_to_validation(corpus):
     dm = TextDataModule(paths=[str(corpus)], sequences="samples", val_fraction=0.2, test_fraction=0.1)
-    dm.trainer = _Trainer("position_chunks")
+    dm.connect("position_chunks")
     positions = torch.cat([b["positions"] for b in dm.test_dataloader()])
     assert torch.equal(positions, torch.arange(dm.test_sequences.num_tokens))
     assert torch.equal(torch.cat([b["ids"] for b in dm.test_dataloader()]), dm.test_sequences.ids)
     plain = TextDataModule(paths=[str(corpus)], sequences="samples", val_fraction=0.2)
-    plain.trainer = _Trainer("position_chunks")
+    plain.connect("position_chunks")
     assert torch.equal(torch.cat([b["ids"] for b in plain.test_dataloader()]), plain.val_sequences.ids)
 
 

@@ -125,7 +125,7 @@ def test_iteration0_passes_train_and_validation_together(sequences):
     import lightning as L
 
     from cvfp_lightning.data import SyntheticTokensDataModule
-    from cvfp_lightning.passes import sequential_pass
+    from cvfp_lightning.sequential_pass import sequential_pass
 
     L.seed_everything(0, verbose=False)
     dm = SyntheticTokensDataModule(vocab_size=50, num_tokens=300, val_tokens=70, seed=1, sequences=sequences,

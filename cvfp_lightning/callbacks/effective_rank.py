@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import lightning as L
-import torch
 
-from cvfp_lightning.metrics import effective_rank
+from cvfp_lightning.metrics import effective_rank, sample_rows, spectrum_rank
 
 
 class EffectiveRankMonitor(L.Callback):
@@ -29,10 +28,7 @@ class EffectiveRankMonitor(L.Callback):
             ctx = pl_module.contexts(split)
             if ctx is None or ctx.shape[0] == 0:
                 return None
-            if ctx.shape[0] > self.max_rows:
-                g = torch.Generator().manual_seed(0)
-                ctx = ctx[torch.randperm(ctx.shape[0], generator=g)[: self.max_rows].sort().values]
-            _, s = effective_rank(ctx.cpu())
+            _, s = effective_rank(sample_rows(ctx, self.max_rows).cpu())
         return s
 
     def _log(self, trainer: L.Trainer, pl_module, split: str) -> None:
@@ -42,9 +38,7 @@ class EffectiveRankMonitor(L.Callback):
         if s is None or s.sum() <= 0:
             return
         p = (s / s.sum()).double()
-        nz = p[p > 0]
-        er = torch.exp(-(nz * nz.log()).sum()).item()
-        row = {f"{split}/effective_rank": er, f"{split}/top_singular_share": p[0].item()}
+        row = {f"{split}/effective_rank": spectrum_rank(s).item(), f"{split}/top_singular_share": p[0].item()}
         self.history.append({"epoch": trainer.current_epoch, **row})
         for logger in trainer.loggers:
             logger.log_metrics(row, step=trainer.global_step)

@@ -11,13 +11,14 @@ base class does the rest, the same way for every source:
    validation / test files a subclass may have (:meth:`extra_sources`).
 2. ``setup``: opens the caches (checked; a broken one is rebuilt with the reason in a
    warning) and splits the samples into train / validation / test (:meth:`_split`),
-   then arranges each split as one stream (seeds) or per-sample sequences. Every split and
+   then arranges each split as one stream (the seed documents') or per-sample sequences. Every split and
    arrangement is a view of the memory-mapped ids with its own offsets. Exposes
    ``train_sequences`` / ``val_sequences`` / ``test_sequences`` (:class:`TokenSequences`;
    ``test_sequences`` is None without a test split) and :meth:`split`.
-3. Dataloaders in the layout the LightningModule asks for with its ``data_layout``
-   attribute: ``position_chunks`` (in-order chunks, Phase 1), ``positions`` (shuffled
-   positions, Phase 2) or ``windows`` (``(B, T)`` windows, baselines).
+3. Dataloaders in the layout the LightningModule names in the handshake
+   :meth:`TokenDataModule.connect` (called from its ``setup``): ``position_chunks``
+   (in-order chunks, Phase 1), ``positions`` (shuffled positions, Phase 2) or ``windows``
+   (``(B, T)`` windows, baselines); the predict loader serves the prompts it passes.
 
 Memory per rank, N tokens in S samples: the ids are memory-mapped (0 B/token anonymous,
 2 or 4 B/token of shared page cache), offsets and byte counts 16 B per sample per split;
@@ -38,8 +39,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from cvfp_lightning.data.prompts import prompt_loader
 from cvfp_lightning.data.sequences import (EpochShuffleSampler, PositionChunks, PositionCollate, PositionIndex,
                                            TokenSequences, Windows)
+from cvfp_lightning.data.snapshot import SNAPSHOT_KEY, data_snapshot
 from cvfp_lightning.data.token_cache import META, TokenCacheWriter, read_token_cache
 from cvfp_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from cvfp_lightning.errors import CVFPUserError, check, check_fraction, check_positive
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 SequenceMode = Literal["stream", "samples"]
 SplitName = Literal["train", "val", "test"]
 SPLITS = ("train", "val", "test")
+LAYOUTS = ("position_chunks", "positions", "windows")
 CACHE_VERSION = 2
 TOKENIZE_BATCH = 1000  # samples per tokenizer call while streaming into the cache
 
@@ -74,7 +78,7 @@ class TokenDataModule(L.LightningDataModule):
 
     Args:
         tokenizer: HF hub name, local folder, or None for the bundled tokenizer.
-        sequences: ``stream`` (all samples concatenated into one sequence, the seeds'
+        sequences: ``stream`` (all samples concatenated into one sequence, the seed documents'
             layout) or ``samples`` (one sequence per sample; the context restarts at 0).
         num_samples: use only the first N samples (rows) of the source; None: all.
         train_samples: after the split, train on only the first N training samples while the
@@ -87,7 +91,7 @@ class TokenDataModule(L.LightningDataModule):
             unless the subclass reads test files; ``cvfp test`` then evaluates the
             validation split). The main source is laid out ``[train | validation | test]``:
             with ``test_fraction`` 0 the validation split is the tail, as before.
-        val_subset_of_train: the seed's option: validation is the tail of the training
+        val_subset_of_train: the seed documents' option: validation is the tail of the training
             data (not held out); a test split stays held out.
         max_seq_len: ``samples`` mode: split longer samples into pieces of this length.
         add_eos: append the tokenizer's EOS id to every sample (a separator in streams).
@@ -141,6 +145,19 @@ class TokenDataModule(L.LightningDataModule):
         self.train_sequences: TokenSequences | None = None
         self.val_sequences: TokenSequences | None = None
         self.test_sequences: TokenSequences | None = None
+        self.layout = "position_chunks"  # set by connect()
+        self.prompts: list[str] = []
+
+    def connect(self, layout: str, prompts: list[str] | None = None) -> None:
+        """The handshake with the module (litgpt's ``DataModule.connect``), from its ``setup``.
+
+        Args:
+            layout: the batch layout it trains and evaluates on (:data:`LAYOUTS`).
+            prompts: the texts ``cvfp predict`` continues (the predict loader's items).
+        """
+        check(layout in LAYOUTS, f"data layout {layout!r} is unknown: expected one of {', '.join(LAYOUTS)}.")
+        self.layout = layout
+        self.prompts = list(prompts or [])
 
     # ---- hooks for subclasses -------------------------------------------------------
     def _load_tokenizer(self, name: str | None, trust_remote_code: bool):
@@ -317,19 +334,15 @@ class TokenDataModule(L.LightningDataModule):
         return getattr(self, f"{name}_sequences")
 
     # ---- dataloaders ------------------------------------------------------------------
-    def _layout(self) -> str:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return getattr(module, "data_layout", "position_chunks")
-
     def _loader(self, seqs: TokenSequences, train: bool) -> DataLoader:
-        """The loader for the module's ``data_layout``.
+        """The loader for the connected ``layout``.
 
         Evaluation loaders (and Phase 1's in-order chunks) are padded with empty batches /
         windows to a multiple of the DDP world size instead of the DistributedSampler's
         duplicates, so metrics synced over ranks count every token exactly once and equal a
         single process's.
         """
-        layout = self._layout()
+        layout = self.layout
         world = self.trainer.world_size if self.trainer is not None else 1
         if layout == "position_chunks" or (layout == "positions" and not train):
             return DataLoader(PositionChunks(seqs, self.chunk_size, world), batch_size=None, shuffle=False,
@@ -342,7 +355,7 @@ class TokenDataModule(L.LightningDataModule):
             windows = Windows(seqs, self.seq_len, pad_to_multiple=1 if train else world)
             return DataLoader(windows, batch_size=self.batch_size, num_workers=self.num_workers,
                               sampler=EpochShuffleSampler(len(windows)) if train else None)
-        raise ValueError(f"unknown data_layout {layout!r}")
+        raise ValueError(f"unknown layout {layout!r}")
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -361,14 +374,13 @@ class TokenDataModule(L.LightningDataModule):
         return self._loader(self.test_sequences, train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if hasattr(module, "prompt_dataloader"):  # generation: the module's prompts, encoded with our tokenizer
-            return module.prompt_dataloader(self.tokenizer)
-        return self.val_dataloader()
+        """The connected prompts, encoded with this data's tokenizer (generation)."""
+        return prompt_loader(self.prompts, self.tokenizer)
 
     def state_dict(self) -> dict:
-        """What the data was, so a resumed run can check it trains on the same tokens."""
-        return {"cache_key": self.cache_key(), "vocab_size": self.vocab_size}
+        """What the data was, so a resumed run can check it trains on the same tokens, and the
+        tokenizer and arrangement an exported model needs (:mod:`cvfp_lightning.data.snapshot`)."""
+        return {"cache_key": self.cache_key(), "vocab_size": self.vocab_size, SNAPSHOT_KEY: data_snapshot(self)}
 
     def load_state_dict(self, state: dict) -> None:
         key = state.get("cache_key")

@@ -2,9 +2,9 @@
 
 ``TokenSequences`` holds S sequences as one flat id tensor plus offsets (a CSR layout):
 sequence s is ``token_ids[offsets[s]:offsets[s+1]]``. A "stream" is the special case S = 1
-(the seeds' concatenation of all samples). Splits and arrangements (train / validation /
-test, stream, samples, pieces of ``max_seq_len``) are views of one memory-mapped id array
-with their own offsets, never copies of the ids.
+(the seed documents' concatenation of all samples). Splits and arrangements (train /
+validation / test, stream, samples, pieces of ``max_seq_len``) are views of one
+memory-mapped id array with their own offsets, never copies of the ids.
 
 Two batch layouts, both plain dicts of tensors, computed per batch from the ids and the
 offsets (nothing of size N is precomputed):

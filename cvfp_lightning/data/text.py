@@ -119,8 +119,8 @@ class UltraChatDataModule(TokenDataModule):
         split: split of the hub dataset (``train_sft``).
         data_files: local JSONL file(s) of the same shape (a ``messages`` list of
             ``{"role", "content"}`` per row), read with ``load_dataset("json", ...)``.
-        num_samples: first N rows (default 500, as in the seeds' largest scaling point).
-        tokenizer: default ``gpt2`` as in the seeds.
+        num_samples: first N rows (default 500, as in the seed documents' largest scaling point).
+        tokenizer: default ``gpt2`` as in the seed documents.
         test_split: the hub split read as the test split (``test_sft``) when the data comes
             from the hub and ``test_fraction`` is 0; None: no hub test split.
         test_files: local JSONL file(s) of the test split (instead of ``test_split``).
@@ -199,10 +199,10 @@ class UltraChatDataModule(TokenDataModule):
 
 
 class SyntheticTokensDataModule(TokenDataModule):
-    """Token ids drawn uniformly from ``[0, vocab_size)`` with a fixed seed (no tokenizer).
+    """Token ids drawn uniformly from ``[0, vocab_size)`` with a fixed RNG seed (no tokenizer).
 
     The performance reference workload: 6400 train ids and 1280 validation ids from a
-    vocabulary of 50257, seed 42, one stream. ``samples`` mode cuts the train ids into
+    vocabulary of 50257, RNG seed 42, one stream. ``samples`` mode cuts the train ids into
     sequences of ``max_seq_len``. The ids are drawn once, in blocks (the same ids as one
     draw), into the memory-mapped token cache: train, validation and ``test_tokens`` test
     ids, in that order, three samples of one array.

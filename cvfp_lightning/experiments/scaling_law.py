@@ -2,7 +2,7 @@
 
 For every size N of ``sizes`` (training sample counts, given to the runs as
 ``data.train_samples``: the validation samples stay the same at every size),
-smallest first, it trains through :class:`~cvfp_lightning.cli.CVFPCLI`, the code of
+smallest first, it trains through :func:`cvfp_lightning.runs.fit`, the code of
 ``cvfp fit`` (no second training loop):
 
 1. Phase 1: ``cvfp fit --config <phase1_config> --data.init_args.train_samples N ...``; its
@@ -40,9 +40,6 @@ Each run uses one process: keep ``trainer.devices`` at 1.
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import json
 import math
 import os
@@ -55,7 +52,9 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
 from cvfp_lightning.errors import CVFPUserError, check
-from cvfp_lightning.io import _atomic_write, atomic_write_json, atomic_write_text, file_sha256
+from cvfp_lightning.io import _atomic_write, atomic_write_csv, atomic_write_json, file_sha256
+from cvfp_lightning.lightning_cli import CVFPCLI, CVFPArgumentParser
+from cvfp_lightning.runs import FitResult, fit, program_argv
 
 CVFP = "cvfp"
 BASELINES = ("gru", "lstm", "transformer")
@@ -126,8 +125,6 @@ def fit_power_law(tokens: Sequence[float], ppl: Sequence[float]) -> PowerLawFit:
 def build_parser():
     from jsonargparse import ActionConfigFile
     from jsonargparse.typing import Path_fr
-
-    from cvfp_lightning.cli import CVFPArgumentParser
 
     parser = CVFPArgumentParser(prog="cvfp scaling", description=(
         "The scaling-law experiment: Phase 1 + Phase 2 (and optionally a baseline) for every size, then the fit "
@@ -223,44 +220,26 @@ def cli_args(overrides: dict) -> list[str]:
             for key in keys]
 
 
-@contextlib.contextmanager
-def _program_argv():
-    """LightningCLI warns when it gets ``args`` while ``sys.argv`` has arguments too: hide ours meanwhile."""
-    saved = sys.argv
-    sys.argv = saved[:1]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
 # ---- one run ---------------------------------------------------------------------------------------
 def _metric(metrics, key: str) -> float | None:
     value = metrics.get(key)
     return None if value is None else float(value)
 
 
-def _collect_phase1(cli) -> dict:
-    from cvfp_lightning.callbacks import ContextCacheHandoff, ConvergenceEarlyStopping
-
-    trainer = cli.trainer
-    metrics = trainer.callback_metrics
-    stopper = next((c for c in trainer.callbacks if isinstance(c, ConvergenceEarlyStopping)), None)
-    handoff = next((c for c in trainer.callbacks if isinstance(c, ContextCacheHandoff)), None)
-    dm = trainer.datamodule
-    return {"checkpoint": trainer.checkpoint_callback.last_model_path or None,
-            "context_cache": str(handoff.written) if handoff is not None and handoff.written else None,
-            "iterations": int(trainer.current_epoch),
-            "converged": bool(stopper is not None and stopper.stopped_at_iteration is not None),
-            "convergence_rate": _metric(metrics, "train/convergence_rate"),
-            "effective_rank_pct": _metric(metrics, "val/effective_rank_pct"),
-            "train_effective_rank_pct": _metric(metrics, "train/effective_rank_pct"),
-            "train_tokens": int(dm.train_sequences.num_tokens), "val_tokens": int(dm.val_sequences.num_tokens)}
+def _collect_phase1(result: FitResult) -> dict:
+    m = result.metrics
+    return {"checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
+            "context_cache": str(result.context_cache) if result.context_cache else None,
+            "iterations": result.epochs, "converged": result.converged,
+            "convergence_rate": _metric(m, "train/convergence_rate"),
+            "effective_rank_pct": _metric(m, "val/effective_rank_pct"),
+            "train_effective_rank_pct": _metric(m, "train/effective_rank_pct"),
+            "train_tokens": result.tokens.get("train"), "val_tokens": result.tokens.get("val")}
 
 
-def _collect_lm(cli) -> dict:
-    summary = dict(getattr(cli.model, "summary", None) or {})
-    check(summary.get("val/ppl") is not None, f"the {type(cli.model).__name__} run logged no val/ppl: the LM "
+def _collect_lm(result: FitResult) -> dict:
+    summary = result.summary
+    check(summary.get("val/ppl") is not None, f"the {summary.get('model', 'LM')} run logged no val/ppl: the LM "
                                               "configs of cvfp scaling must validate every epoch.")
     keep = ("val/ppl", "val/acc", "val/loss", "val/bpb", "train_tokens", "val_tokens", "trainable_params",
             "best_epoch", "epochs_run", "best_model_path", "contexts")
@@ -268,12 +247,9 @@ def _collect_lm(cli) -> dict:
 
 
 def run_fit(kind: str, args: list[str]) -> dict:
-    """``cvfp fit ARGS`` in this process (CVFPCLI); the metrics of a ``phase1`` or ``lm`` run."""
-    from cvfp_lightning.cli import CVFPCLI
-
-    with _program_argv():
-        cli = CVFPCLI(args=["fit", *args])
-    return _collect_phase1(cli) if kind == "phase1" else _collect_lm(cli)
+    """``cvfp fit ARGS`` in this process; the metrics of a ``phase1`` or ``lm`` run."""
+    result = fit(args)
+    return _collect_phase1(result) if kind == "phase1" else _collect_lm(result)
 
 
 Runner = Callable[[str, list[str]], dict]
@@ -301,11 +277,9 @@ class ScalingExperiment:
     # ---- checks before training -----------------------------------------------------------------
     def check_inputs(self) -> None:
         """Parse every config with its overrides and check the largest size fits the data."""
-        from cvfp_lightning.cli import CVFPCLI
-
         size = self.s.sizes[-1]
         args = self._args("phase1", size)[:-1] + ["--trainer.logger=false"]
-        with _program_argv():
+        with program_argv():
             cli = CVFPCLI(args=args, run=False)
         dm = cli.datamodule
         check(hasattr(dm, "train_samples"), f"{self.s.phase1_config}: the data module {type(dm).__name__} has no "
@@ -479,11 +453,7 @@ def write_results(settings: ScalingSettings, rows: list[dict], seconds: float | 
     """``scaling.csv``, ``scaling.json``, ``scaling.png`` and TensorBoard in ``out_dir``; prints the table."""
     out = settings.out_dir
     fits = fits_of(rows)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({c: r.get(c) for c in COLUMNS} for r in rows)
-    atomic_write_text(buf.getvalue(), out / "scaling.csv")
+    atomic_write_csv(rows, COLUMNS, out / "scaling.csv")
     result = {"rows": rows, "fits": {m: f.as_dict() for m, f in fits.items()},
               "fit_formula": "log(PPL) = alpha * log(train_tokens) + log(A)", "run_s": seconds,
               "wall_s": sum(r["wall_s"] or 0.0 for r in rows),
@@ -529,14 +499,7 @@ def _write_tensorboard(folder: Path, rows: list[dict], fits: dict, fig, text: st
         writer.close()
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str]) -> dict:
     """``cvfp scaling ARGS`` (see the module docstring)."""
-    parser = build_parser()
-    cfg = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    cfg = build_parser().parse_args(list(argv))
     return ScalingExperiment(ScalingSettings.from_namespace(cfg)).run()
-
-
-if __name__ == "__main__":
-    from cvfp_lightning.cli import main as cvfp_main
-
-    cvfp_main(["scaling", *sys.argv[1:]])

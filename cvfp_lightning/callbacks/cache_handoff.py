@@ -8,18 +8,12 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from cvfp_lightning.cache import (
-    CACHE_FILENAME,
-    cache_components,
-    compute_context_cache,
-    contexts_config,
-    save_context_cache,
-)
+from cvfp_lightning.context_cache import CACHE_FILENAME, ContextSource, save_context_cache
 from cvfp_lightning.errors import check_positive
 
 
 class ContextCacheHandoff(L.Callback):
-    """Write the context cache (:mod:`cvfp_lightning.cache`) when Phase 1 ends.
+    """Write the context cache (:mod:`cvfp_lightning.context_cache`) when Phase 1 ends.
 
     After the last epoch (when ``last.ckpt`` holds the final weights) it runs one
     sequential pass over the train and validation tokens with the final weights and saves
@@ -60,17 +54,11 @@ class ContextCacheHandoff(L.Callback):
             rank_zero_warn("ContextCacheHandoff: the model is not a Phase 1 model with a TokenDataModule; "
                            "no context cache written.")
             return
-        components = cache_components(pl_module.embedding, pl_module.updater, dm,
-                                      contexts_config(hp["vocab_size"], hp["context"], hp["embedding"]))
-        strategy = trainer.strategy
-        cache = compute_context_cache(pl_module.updater, pl_module.embedding, dm.train_sequences, dm.val_sequences,
-                                      components, self.batch_size, rank=trainer.global_rank,
-                                      world_size=trainer.world_size,
-                                      reduce=lambda t: strategy.reduce(t, reduce_op="sum"))
+        cache = ContextSource(pl_module.embedding, pl_module.updater, dm, hp).compute(trainer, self.batch_size)
         if trainer.is_global_zero:
             save_context_cache(cache, path)
             rank_zero_info(f"context cache for Phase 2 written to {path} ({dm.train_sequences.num_tokens} train + "
                            f"{dm.val_sequences.num_tokens} val positions, {len(cache.layer_dims)} layers, "
                            f"{cache.seconds:.1f}s)")
-        strategy.barrier("ContextCacheHandoff")
+        trainer.strategy.barrier("ContextCacheHandoff")
         self.written = path

@@ -1,7 +1,7 @@
 """The Phase 1 -> Phase 2 context cache.
 
 The Phase 2 context block is the frozen Phase 1 updater, so the contexts of a fixed text
-never change: one sequential pass (:func:`~cvfp_lightning.passes.sequential_pass`, the
+never change: one sequential pass (:func:`~cvfp_lightning.sequential_pass.sequential_pass`, the
 one update rule) gives every layer's context at every train and validation position,
 and Phase 2 trains on those. The cache stores them with a fingerprint of everything they
 depend on, so a cache made from other weights, other data or another tokenizer is never
@@ -45,7 +45,7 @@ from cvfp_lightning.errors import CVFPUserError, check
 from cvfp_lightning.io import atomic_torch_save, safe_torch_load
 from cvfp_lightning.models.context import ContextUpdater
 from cvfp_lightning.models.embedding import TokenEmbedding
-from cvfp_lightning.passes import sequential_pass
+from cvfp_lightning.sequential_pass import sequential_pass
 
 CACHE_VERSION = 1
 CACHE_FILENAME = "context_cache.pt"
@@ -73,13 +73,18 @@ def _update_tensor(h, name: str, t: Tensor) -> None:
         h.update(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def weights_digest(*modules: nn.Module) -> str:
-    """sha256 of the parameters and buffers (names, dtypes, shapes, bytes) of ``modules``."""
+def state_digest(*states: dict[str, Tensor]) -> str:
+    """sha256 of state dicts (names, dtypes, shapes, bytes), in order."""
     h = hashlib.sha256()
-    for k, module in enumerate(modules):
-        for name, t in sorted(module.state_dict().items()):
+    for k, state in enumerate(states):
+        for name, t in sorted(state.items()):
             _update_tensor(h, f"{k}.{name}", t)
     return h.hexdigest()
+
+
+def weights_digest(*modules: nn.Module) -> str:
+    """sha256 of the parameters and buffers (names, dtypes, shapes, bytes) of ``modules``."""
+    return state_digest(*(module.state_dict() for module in modules))
 
 
 def sequences_digest(seqs: TokenSequences) -> str:
@@ -191,6 +196,45 @@ def compute_context_cache(updater: ContextUpdater, embedding: TokenEmbedding, tr
     return ContextCache(dict(components), layers, embeddings, seconds=time.perf_counter() - start)
 
 
+class ContextSource:
+    """What a context cache is computed from: a frozen embedding + context block and a data module.
+
+    The one orchestration of the hand-off (:class:`~cvfp_lightning.callbacks.ContextCacheHandoff`
+    at the end of Phase 1) and of Phase 2's contexts: the digests the contexts depend on
+    (:attr:`components`, computed once) and one sequential pass over both splits, shared
+    over the trainer's DDP ranks (:meth:`compute`).
+
+    Args:
+        embedding: the embedding the context block reads.
+        updater: the context block.
+        datamodule: exposes ``train_sequences`` / ``val_sequences`` (after ``setup``).
+        hparams: the Phase 1 hyperparameters (``vocab_size``, ``context``, ``embedding``).
+    """
+
+    def __init__(self, embedding: TokenEmbedding, updater: ContextUpdater, datamodule, hparams: dict):
+        self.embedding, self.updater, self.datamodule = embedding, updater, datamodule
+        self.config = contexts_config(hparams["vocab_size"], hparams["context"], hparams["embedding"])
+        self._components: dict[str, str] | None = None
+
+    @property
+    def components(self) -> dict[str, str]:
+        if self._components is None:
+            self._components = cache_components(self.embedding, self.updater, self.datamodule, self.config)
+        return self._components
+
+    @property
+    def num_tokens(self) -> dict[str, int]:
+        return {split: getattr(self.datamodule, f"{split}_sequences").num_tokens for split in SPLITS}
+
+    def compute(self, trainer, batch_size: int = 256) -> ContextCache:
+        """:func:`compute_context_cache` over ``trainer``'s ranks (each its share, summed)."""
+        dm, strategy = self.datamodule, trainer.strategy
+        return compute_context_cache(self.updater, self.embedding, dm.train_sequences, dm.val_sequences,
+                                     self.components, batch_size, rank=trainer.global_rank,
+                                     world_size=trainer.world_size,
+                                     reduce=lambda t: strategy.reduce(t, reduce_op="sum"))
+
+
 def save_context_cache(cache: ContextCache, path: str | Path) -> Path:
     """Write atomically (temp file + rename): a crash never leaves half a cache."""
     return atomic_torch_save(cache.to_file(), path)
@@ -235,7 +279,7 @@ def resolve_context_cache(path: str | Path | None, mode: str, expected: dict[str
 
     Returns ``(cache, message)``; the message says "cache hit" or why it was rebuilt.
     ``mode``: ``auto`` | ``require`` | ``off`` (see the module docstring). ``write``: this
-    process writes the rebuilt cache (rank 0 under DDP). Raises CVFPUserError in
+    process writes the rebuilt cache (rank 0 of a fit; evaluation never writes). Raises CVFPUserError in
     ``require`` mode when the cache is missing, unreadable or stale.
     """
     check(mode in CACHE_MODES, f"model.cache={mode!r} is unknown: expected one of {', '.join(CACHE_MODES)}.")
@@ -259,9 +303,10 @@ def resolve_context_cache(path: str | Path | None, mode: str, expected: dict[str
                             "on this data, point model.cache_path at the right cache, or set model.cache: auto "
                             "to rebuild it.")
     cache = build()
-    if write:
-        try:
-            save_context_cache(cache, path)
-        except OSError as exc:
-            return cache, f"{why}; contexts recomputed in {cache.seconds:.1f}s (could not write {path}: {exc})"
+    if not write:
+        return cache, f"{why}; contexts recomputed in {cache.seconds:.1f}s (not written)"
+    try:
+        save_context_cache(cache, path)
+    except OSError as exc:
+        return cache, f"{why}; contexts recomputed in {cache.seconds:.1f}s (could not write {path}: {exc})"
     return cache, f"{why}; contexts recomputed in {cache.seconds:.1f}s and the cache rewritten"
