@@ -32,8 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from report import write_report
+
 SEED = {"fp32 stream": {"false": {"iter0_s": 28.0, "total_s": 267.0, "iterations": 40, "iter_s": 7.0},
                         "true": {"total_s": 16.1, "iterations": 5}}}
 
@@ -164,9 +164,8 @@ def main() -> None:
             rows.append(row)
             print(f"{n:8d} tokens: iteration 0 {row['iter0_s']:.2f}s, parallel iteration {row['iter_s_median']:.2f}s "
                   f"({row['iter_s_median'] / n * 1e6:.1f} us/token), peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"phase1_scaling_{time.strftime('%Y%m%d_%H%M%S')}.json").write_text(json.dumps(
-            {"torch": torch.__version__, "threads": int(env.get("BENCH_THREADS", "2")), "rows": rows}, indent=2))
+        write_report("phase1_scaling", {"torch": torch.__version__, "threads": int(env.get("BENCH_THREADS", "2")),
+                                        "rows": rows})
         return
     report = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "threads": int(env.get("BENCH_THREADS", "2")), "torch": torch.__version__,
@@ -198,10 +197,7 @@ def main() -> None:
                   f"seq step {seq_ms:.2f} ms (bound {b['step_bound_ms']:.2f} ms at batch 1), "
                   f"{med['seq_tokens_per_s']:.0f} tokens/s (compute bound {seq_bound_tps:.0f})", flush=True)
     report["loadavg_end"] = os.getloadavg()
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"phase1_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report("phase1", report)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,13 @@ Phase 2's contexts come from one sequential pass (the cache), timed separately.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from report import write_report
 
 
 def epoch_timer(times: list[float]):
@@ -102,10 +100,7 @@ def main() -> None:
     for k, v in report["tokens_per_s_median"].items():
         print(f"{k:12s} {params[k]:>9d} trainable params  {v:10.0f} train tokens/s")
     print(f"Phase 2 contexts (one sequential pass over train+val): {report['phase2_context_pass_s']:.2f}s")
-    out = HERE / "results" / f"phase2_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}", file=sys.stderr)
+    write_report("phase2", report)
 
 
 def reference(args) -> None:
@@ -152,10 +147,7 @@ def reference(args) -> None:
               "context_pass_s_median": statistics.median(context_s), "seed_epoch_s": [14, 34]}
     print(f"Phase 2 on the reference workload: {report['epoch_s_median']:.2f} s per epoch (seed 14-34 s), "
           f"context pass {report['context_pass_s_median']:.2f} s, {report['trainable_params']:,} trainable params")
-    out = HERE / "results" / f"phase2_reference_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}", file=sys.stderr)
+    write_report("phase2_reference", report)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def _update_tensor(h, name: str, t: Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
     if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def state_digest(*states: dict[str, Tensor]) -> str:
@@ -88,9 +88,11 @@ def weights_digest(*modules: nn.Module) -> str:
 
 
 def sequences_digest(seqs: TokenSequences) -> str:
-    """sha256 of a split's token ids and sequence boundaries."""
+    """sha256 of a split's token ids (as int64) and sequence boundaries; the ids are read in blocks."""
     h = hashlib.sha256()
-    _update_tensor(h, "ids", seqs.ids.long())
+    h.update(f"ids|{torch.int64}|{(seqs.num_tokens,)}|".encode())  # the header _update_tensor writes
+    for block in seqs.id_blocks():
+        h.update(block.numpy())
     _update_tensor(h, "offsets", seqs.offsets.long())
     return h.hexdigest()
 

@@ -30,7 +30,7 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 
 def _corpus(folder: Path, paragraphs: int = 24, chars: int = 700) -> Path:
-    text = (ROOT / "data" / "pydoc_topics.txt").read_text(encoding="utf-8")
+    text = (ROOT / "cvfp_lightning" / "data" / "bundled" / "pydoc_topics.txt").read_text(encoding="utf-8")
     parts = [p for p in text.split("\n\n") if p.strip()][:paragraphs]
     path = folder / "corpus.txt"
     path.write_text("\n\n".join(p[:chars] for p in parts) + "\n", encoding="utf-8")

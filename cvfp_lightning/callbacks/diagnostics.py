@@ -35,11 +35,7 @@ class CVFPDiagnostics(L.Callback):
     def _token_ids(self, trainer: L.Trainer, pl_module) -> torch.Tensor:
         seqs = getattr(getattr(trainer, "datamodule", None), "train_sequences", None)
         if seqs is not None and seqs.num_tokens:
-            ids = torch.unique(seqs.ids, sorted=False)
-            # first occurrences in data order, deterministic
-            first = torch.full((int(seqs.ids.max()) + 1,), seqs.num_tokens, dtype=torch.long)
-            first.scatter_reduce_(0, seqs.ids, torch.arange(seqs.num_tokens), reduce="amin")
-            ids = ids[torch.argsort(first[ids])]
+            ids = seqs.first_occurrences(self.num_tokens)  # in data order, deterministic
         else:
             ids = torch.arange(pl_module.embedding.vocab_size)
         return ids[: self.num_tokens]

@@ -66,8 +66,10 @@ class NextTokenModule(L.LightningModule):
 
     # ---- steps -----------------------------------------------------------------------------
     def _num_bytes(self, split: str) -> int:
-        seqs = getattr(getattr(self.trainer, "datamodule", None), f"{'train' if split == 'train' else 'val'}_sequences",
-                       None)
+        dm = getattr(self.trainer, "datamodule", None)
+        seqs = getattr(dm, f"{split}_sequences", None)
+        if split == "test" and seqs is None:  # no test split: the data module tests on the validation split
+            seqs = getattr(dm, "val_sequences", None)
         return int(getattr(seqs, "num_bytes", 0) or 0)
 
     def _step(self, batch: dict[str, Tensor], split: str) -> Tensor:
