@@ -16,8 +16,9 @@ base class does the rest, the same way for every source:
    ``train_sequences`` / ``val_sequences`` / ``test_sequences`` (:class:`TokenSequences`;
    ``test_sequences`` is None without a test split) and :meth:`split`.
 3. Dataloaders in the layout the LightningModule names in the handshake
-   :meth:`TokenDataModule.connect` (called from its ``setup``): ``position_chunks``
-   (in-order chunks, Phase 1), ``positions`` (shuffled positions, Phase 2) or ``windows``
+   :meth:`TokenDataModule.connect` (called from its ``setup``): ``shard_chunks`` (each
+   rank's own positions in in-order chunks, Phase 1), ``position_chunks`` (in-order chunks
+   dealt over ranks), ``positions`` (shuffled positions, Phase 2) or ``windows``
    (``(B, T)`` windows, baselines); the predict loader serves the prompts it passes.
 
 Memory per rank, N tokens in S samples: the ids are memory-mapped (0 B/token anonymous,
@@ -40,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cvfp_lightning.data.prompts import prompt_loader
+from cvfp_lightning.data.shards import ShardChunks
 from cvfp_lightning.data.sequences import (EpochShuffleSampler, PositionChunks, PositionCollate, PositionIndex,
                                            TokenSequences, Windows)
 from cvfp_lightning.data.snapshot import SNAPSHOT_KEY, data_snapshot
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 SequenceMode = Literal["stream", "samples"]
 SplitName = Literal["train", "val", "test"]
 SPLITS = ("train", "val", "test")
-LAYOUTS = ("position_chunks", "positions", "windows")
+LAYOUTS = ("shard_chunks", "position_chunks", "positions", "windows")
 CACHE_VERSION = 2
 TOKENIZE_BATCH = 1000  # samples per tokenizer call while streaming into the cache
 
@@ -344,6 +346,10 @@ class TokenDataModule(L.LightningDataModule):
         """
         layout = self.layout
         world = self.trainer.world_size if self.trainer is not None else 1
+        if layout == "shard_chunks":  # Phase 1: each rank its own positions, in order
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            return DataLoader(ShardChunks(seqs, self.chunk_size, rank, world), batch_size=None,
+                              num_workers=self.num_workers)
         if layout == "position_chunks" or (layout == "positions" and not train):
             return DataLoader(PositionChunks(seqs, self.chunk_size, world), batch_size=None, shuffle=False,
                               num_workers=self.num_workers)

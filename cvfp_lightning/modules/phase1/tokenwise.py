@@ -19,6 +19,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from cvfp_lightning.errors import check, check_positive
+from cvfp_lightning.metrics import EffectiveRank
 from cvfp_lightning.models.context import ContextConfig
 from cvfp_lightning.models.embedding import EmbeddingConfig
 from cvfp_lightning.modules.phase1.base import Phase1Base
@@ -50,8 +51,10 @@ class Phase1Tokenwise(Phase1Base):
         if solver != "iteration":  # the default stays out of the hyperparameters: earlier checkpoints resume
             algorithm["solver"] = solver
         super().__init__(vocab_size, context, embedding, convergence_threshold, lr, grad_clip, effective_rank_rows,
-                         algorithm, sync_effective_rank=True)
+                         algorithm)
         self.solver = solver
+        self.train_erank = EffectiveRank(effective_rank_rows, percent=True)  # rows gathered over ranks
+        self.val_erank = EffectiveRank(effective_rank_rows, percent=True)
         self.train_iters, self.val_iters, self.val_iters_plain = MeanMetric(), MeanMetric(), MeanMetric()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
