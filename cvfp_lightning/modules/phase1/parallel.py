@@ -75,13 +75,13 @@ class Phase1Parallel(Phase1Base):
         self._iteration0_tokens = 0  # tokens of that pass (train, and validation when this fit validates)
 
     # ---- iteration 0 ---------------------------------------------------------------------
-    def _sequential(self, seqs) -> tuple[Tensor, float]:
+    def _sequential(self, seqs, description: str = "iteration 0: sequential pass") -> tuple[Tensor, float]:
         """Iteration 0: the sequential pass, split over DDP ranks by sequence, then summed."""
         self._iteration0_tokens = seqs.num_tokens
         start = time.perf_counter()
         with self.trainer.precision_plugin.forward_context():
             ctx = sequential_pass(self.updater, self.embedding, seqs, self.hparams.seq_batch_size,
-                                  rank=self.global_rank, world_size=self.trainer.world_size)
+                                  rank=self.global_rank, world_size=self.trainer.world_size, description=description)
         ctx = self._sum_over_ranks(ctx)
         log.info("sequential pass over %d tokens in %.2fs", seqs.num_tokens, time.perf_counter() - start)
         return ctx, time.perf_counter() - start
@@ -162,6 +162,7 @@ class Phase1Parallel(Phase1Base):
         loss = (1 - hp.dist_reg_weight) * res.sum() / N + hp.dist_reg_weight * div
         self.manual_backward(loss * W)  # DDP averages gradients over ranks; we want their sum
         self._new["train"][pos] = out.detach()
+        self.train_residuals.update(res.detach())  # every step, empty too: the same update count on every rank
         if res.numel():
             self.train_rate.update(res)
             self.train_cvfp.update(res.detach())
@@ -195,10 +196,11 @@ class Phase1Parallel(Phase1Base):
 
     # ---- validation ------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
         if self.trainer.sanity_checking:
             return
         if self._state["val_prev"] is None:
-            self._state["val_prev"], _ = self._sequential(self.sequences("val"))
+            self._state["val_prev"], _ = self._sequential(self.sequences("val"), "validation: sequential pass")
         self._new["val"] = torch.zeros_like(self._state["val_prev"])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -210,6 +212,7 @@ class Phase1Parallel(Phase1Base):
                                                    self.embedding(batch["ids"])).float()
         res = per_dim_mse(out, prev[pos])
         self._new["val"][pos] = out
+        self.val_residuals.update(res)
         if res.numel():
             self.val_rate.update(res)
             self.val_cvfp.update(res)
