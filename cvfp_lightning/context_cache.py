@@ -45,6 +45,7 @@ from cvfp_lightning.errors import CVFPUserError, check
 from cvfp_lightning.io import atomic_torch_save, safe_torch_load
 from cvfp_lightning.models.context import ContextUpdater
 from cvfp_lightning.models.embedding import TokenEmbedding
+from cvfp_lightning.progress import task
 from cvfp_lightning.sequential_pass import sequential_pass
 
 CACHE_VERSION = 1
@@ -127,12 +128,15 @@ def fingerprint(components: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()
 
 
-def _content_digest(layers: dict[str, list[Tensor]], embeddings: Tensor) -> str:
+def _content_digest(layers: dict[str, list[Tensor]], embeddings: Tensor,
+                    description: str = "context cache: digest") -> str:
+    named = [(f"{split}.{k}", t) for split in SPLITS for k, t in enumerate(layers[split])] + [("embeddings", embeddings)]
+    megabytes = [t.numel() * t.element_size() / 1e6 for _, t in named]
     h = hashlib.sha256()
-    for split in SPLITS:
-        for k, t in enumerate(layers[split]):
-            _update_tensor(h, f"{split}.{k}", t)
-    _update_tensor(h, "embeddings", embeddings)
+    with task(description, total=sum(megabytes), unit="MB") as bar:
+        for (name, t), mb in zip(named, megabytes):
+            _update_tensor(h, name, t)
+            bar.advance(mb)
     return h.hexdigest()
 
 
@@ -182,7 +186,8 @@ def compute_context_cache(updater: ContextUpdater, embedding: TokenEmbedding, tr
     updater.eval(), embedding.eval()
     try:
         _, per_layer = sequential_pass(updater, embedding, TokenSequences.concat([train, val]), batch_size,
-                                       return_all_layers=True, rank=rank, world_size=world_size)
+                                       return_all_layers=True, rank=rank, world_size=world_size,
+                                       description="context cache: sequential pass")
         if reduce is not None and world_size > 1:
             per_layer = [reduce(t) for t in per_layer]
         sizes = [train.num_tokens, val.num_tokens]
@@ -242,14 +247,17 @@ def save_context_cache(cache: ContextCache, path: str | Path) -> Path:
 
 def read_context_cache(path: str | Path) -> ContextCache:
     """Read and check a cache file (weights-only load); CVFPUserError when it is not one."""
-    data = safe_torch_load(path)
+    size = Path(path).stat().st_size / 1e6 if Path(path).is_file() else None
+    with task(f"context cache: reading {Path(path).name}", total=size, unit="MB") as bar:
+        data = safe_torch_load(path)
+        bar.advance(size or 0)
     ok = (isinstance(data, dict) and {"components", "train", "val", "embeddings", "content_sha"} <= set(data)
           and isinstance(data["components"], dict) and isinstance(data["train"], list)
           and isinstance(data["val"], list) and isinstance(data["embeddings"], Tensor)
           and all(isinstance(t, Tensor) and t.dim() == 2 for t in data["train"] + data["val"]))
     check(ok, f"{str(path)!r} is not a cvfp_lightning context cache: delete it, or point model.cache_path elsewhere.")
     layers = {"train": data["train"], "val": data["val"]}
-    check(_content_digest(layers, data["embeddings"]) == data["content_sha"],
+    check(_content_digest(layers, data["embeddings"], "context cache: checking its digest") == data["content_sha"],
           f"the context cache {str(path)!r} was modified after it was written (its content digest does not match): "
           "delete it so it is rebuilt.")
     check(data.get("fingerprint") == fingerprint(data["components"]),

@@ -5,6 +5,8 @@
 - :class:`EffectiveRank`: Roy & Vetterli effective rank of the *uncentred* context matrix,
   ``p = s / sum(s)`` over its singular values, ``ER = exp(-sum p ln p)``, on at most
   ``max_rows`` rows sampled with a fixed RNG seed; ``percent=True`` reports ``100 ER / D``.
+- :class:`ResidualHistogram`: counts of residuals in fixed log-spaced bins around a threshold
+  (the distribution behind the convergence rate, in O(bins) memory).
 """
 
 from __future__ import annotations
@@ -36,6 +38,43 @@ class ConvergenceRate(Metric):
 
     def compute(self) -> Tensor:
         return (self.converged / self.total.clamp_min(1.0)).float()
+
+
+class ResidualHistogram(Metric):
+    """Counts of residuals (per-dimension MSE) in fixed log10 bins; ``update(residual (n,))``.
+
+    ``bins_per_decade`` bins per decade from ``threshold * 10**-decades_below`` to
+    ``threshold * 10**decades_above``, so the threshold is a bin edge and the bins left of it
+    hold exactly the residuals below it (up to rounding of log10); residuals outside the range
+    (0 and NaN included) count in the first / last bin. ``compute()`` returns ``counts
+    (bins,)`` float64, summed over batches and DDP ranks; :attr:`edges` are the ``bins + 1``
+    bin edges in residual units. Memory: the counts only, O(bins) (110 bins: 880 bytes),
+    never the residuals.
+    """
+
+    full_state_update = False
+
+    def __init__(self, threshold: float, decades_below: int = 8, decades_above: int = 3, bins_per_decade: int = 10,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.threshold, self.below, self.above = float(threshold), int(decades_below), int(decades_above)
+        self.per_decade = int(bins_per_decade)
+        self.bins = (self.below + self.above) * self.per_decade
+        self.add_state("counts", default=torch.zeros(self.bins, dtype=torch.float64), dist_reduce_fx="sum")
+
+    @property
+    def edges(self) -> Tensor:
+        """``(bins + 1,)`` float64 bin edges in residual units, increasing."""
+        return self.threshold * 10.0 ** torch.linspace(-self.below, self.above, self.bins + 1, dtype=torch.float64)
+
+    def update(self, residual: Tensor) -> None:
+        decades = torch.log10(residual.detach().reshape(-1).double().clamp_min(1e-300)) - math.log10(self.threshold)
+        decades = decades.nan_to_num(nan=float(self.above))
+        idx = ((decades + self.below) * self.per_decade).floor().clamp(0, self.bins - 1).long()
+        self.counts += torch.bincount(idx, minlength=self.bins).to(self.counts)
+
+    def compute(self) -> Tensor:
+        return self.counts.clone()
 
 
 def singular_values(matrix: Tensor) -> Tensor:

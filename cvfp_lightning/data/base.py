@@ -48,6 +48,7 @@ from cvfp_lightning.data.snapshot import SNAPSHOT_KEY, data_snapshot
 from cvfp_lightning.data.token_cache import META, TokenCacheWriter, read_token_cache
 from cvfp_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from cvfp_lightning.errors import CVFPUserError, check, check_fraction, check_positive
+from cvfp_lightning.progress import task
 
 log = logging.getLogger(__name__)
 
@@ -218,13 +219,15 @@ class TokenDataModule(L.LightningDataModule):
             ds = ds.select(range(self.num_samples))
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
         log.info("tokenising %d samples of %s", len(ds), what)
-        with TokenCacheWriter(self.cache_folder(source), self.cache_key(source), self.vocab_size, what) as writer:
+        with TokenCacheWriter(self.cache_folder(source), self.cache_key(source), self.vocab_size, what) as writer, \
+                task(f"tokenising {what}", total=len(ds), unit="samples") as bar:
             for batch in ds.iter(batch_size=TOKENIZE_BATCH):
                 texts = batch["text"]
                 ids = tok(texts, add_special_tokens=False)["input_ids"]
                 if self.add_eos and eos is not None:
                     ids = [x + [eos] for x in ids]
                 writer.add(ids, [len(t.encode("utf-8")) for t in texts])
+                bar.advance(len(texts))
             check(writer.num_tokens >= 2,
                   f"the data source {what} holds no text after tokenisation: give a non-empty source.")
             folder = writer.commit()

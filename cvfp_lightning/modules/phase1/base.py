@@ -17,7 +17,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from cvfp_lightning.errors import CVFPUserError, check, check_positive
-from cvfp_lightning.metrics import ConvergenceRate
+from cvfp_lightning.metrics import ConvergenceRate, ResidualHistogram
 from cvfp_lightning.models.context import ContextConfig, build_context_updater
 from cvfp_lightning.models.embedding import EmbeddingConfig, build_embedding
 from cvfp_lightning.models.legacy import upgrade_checkpoint
@@ -70,6 +70,8 @@ class Phase1Base(L.LightningModule):
                                    "effective_rank_rows": effective_rank_rows})
         thr = convergence_threshold
         self.train_rate, self.val_rate = ConvergenceRate(thr), ConvergenceRate(thr)
+        # the residual distribution of the epoch (ResidualMonitor draws it): O(bins), reset every epoch
+        self.train_residuals, self.val_residuals = ResidualHistogram(thr), ResidualHistogram(thr)
         self.train_cvfp, self.val_cvfp = MeanMetric(), MeanMetric()
         self._state: dict = {key: None for key in self.STATE_FIELDS}
         self._iter_start = 0.0
@@ -121,6 +123,10 @@ class Phase1Base(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._iter_start = time.perf_counter()
+        self.train_residuals.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_residuals.reset()
 
     # ---- checkpoint state ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

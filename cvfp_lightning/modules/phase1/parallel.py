@@ -136,7 +136,7 @@ class Phase1Parallel(Phase1Base):
         sample = sample_positions(seqs.num_tokens, self.hparams.effective_rank_rows)
         self._sampled[split] = sample[(sample >= shard.start) & (sample < shard.stop)] - shard.start
 
-    def _sequential(self, splits: list[str]) -> float:
+    def _sequential(self, splits: list[str], description: str = "iteration 0: sequential pass") -> float:
         """Iteration 0 of ``splits``: the sharded sequential pass into their stores; its seconds."""
         start = time.perf_counter()
         parts = [self._shards[s] for s in splits]
@@ -146,7 +146,8 @@ class Phase1Parallel(Phase1Base):
         with self.trainer.precision_plugin.forward_context():
             sharded_sequential_pass(self.updater, self.embedding, parts, [self._stores[s].write for s in splits],
                                     self.hparams.seq_batch_size,
-                                    broadcast=lambda t, src: self.trainer.strategy.broadcast(t, src))
+                                    broadcast=lambda t, src: self.trainer.strategy.broadcast(t, src),
+                                    description=description)
         for s in splits:
             self._stores[s].end_generation()
         seconds = time.perf_counter() - start
@@ -307,6 +308,7 @@ class Phase1Parallel(Phase1Base):
         block = getattr(self.trainer.strategy, "block_backward_sync", None)
         with block() if block is not None and self._mid_iteration else contextlib.nullcontext():
             self.manual_backward(loss * W)  # DDP averages gradients over ranks, once per iteration; we want their sum
+        self.train_residuals.update(res.detach())  # every step, empty too: the same update count on every rank
         if res.numel():
             self.train_rate.update(res)
             self.train_cvfp.update(res.detach())
@@ -339,6 +341,7 @@ class Phase1Parallel(Phase1Base):
 
     # ---- validation ------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
         if self.trainer.sanity_checking:
             return
         if "val" not in self._stores:  # cvfp validate, or a fit that did not validate at its start
@@ -353,6 +356,7 @@ class Phase1Parallel(Phase1Base):
             return
         out, old = self._step("val", batch, noise=False)
         res = per_dim_mse(out, old)
+        self.val_residuals.update(res)
         if res.numel():
             self.val_rate.update(res)
             self.val_cvfp.update(res)

@@ -86,6 +86,7 @@ class Phase1Tokenwise(Phase1Base):
                 remaining = self.trainer.strategy.reduce(remaining, reduce_op="sum")
             if remaining.item() == 0:
                 break
+        self.train_residuals.update(last_res)  # every step, empty too: the same update count on every rank
         if n:
             self.train_rate.update(torch.where(converged, 0.0, float("inf")))
             self.train_iters.update(iters)
@@ -115,6 +116,7 @@ class Phase1Tokenwise(Phase1Base):
         start = torch.zeros(ids.shape[0], self.context_dim, device=self.device)
         fixed, stats = solve(self.solver, f, start, hp.max_inner_iterations, hp.convergence_threshold,
                              hp.warmup_iterations)
+        self.val_residuals.update(stats.residual)
         if ids.numel():
             self.val_rate.update(torch.where(stats.converged, 0.0, float("inf")))
             self.val_iters.update(stats.nstep.float())
