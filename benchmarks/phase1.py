@@ -1,4 +1,4 @@
-"""Phase 1 benchmark on the seed code's reference workload, through the real Phase1FixedPoint.
+"""Phase 1 benchmark on the seed code's reference workload, through the real Phase1Parallel.
 
 Workload (DESIGN.md "Reference figures"): 6400 token ids uniform in [0, 50257) with seed 42
 (validation: 1280 more), frozen random 768-dim embedding, ``residual`` updater 6 x 768,
@@ -32,8 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from report import write_report
+
 SEED = {"fp32 stream": {"false": {"iter0_s": 28.0, "total_s": 267.0, "iterations": 40, "iter_s": 7.0},
                         "true": {"total_s": 16.1, "iterations": 5}}}
 
@@ -44,7 +44,7 @@ def one_run(mode: str, all_layers: bool, max_iterations: int, num_tokens: int = 
 
     from cvfp_lightning.callbacks import ConvergenceEarlyStopping
     from cvfp_lightning.data import SyntheticTokensDataModule
-    from cvfp_lightning.modules import Phase1FixedPoint
+    from cvfp_lightning.modules import Phase1Parallel
     from cvfp_lightning.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()  # off with CVFP_MALLOC_TUNING=0
@@ -55,7 +55,7 @@ def one_run(mode: str, all_layers: bool, max_iterations: int, num_tokens: int = 
                                    sequences="samples" if samples else "stream",
                                    max_seq_len=128 if samples else None,
                                    chunk_size=int(os.environ.get("BENCH_CHUNK", "1600")))
-    model = Phase1FixedPoint(vocab_size=50257,
+    model = Phase1Parallel(vocab_size=50257,
                              context={"updater": "residual", "context_dim": 768, "num_layers": 6,
                                       "token_input_all_layers": all_layers},
                              embedding={"embed_dim": 768, "freeze": True}, dist_reg_weight=0.8, noise_std=0.1,
@@ -164,9 +164,8 @@ def main() -> None:
             rows.append(row)
             print(f"{n:8d} tokens: iteration 0 {row['iter0_s']:.2f}s, parallel iteration {row['iter_s_median']:.2f}s "
                   f"({row['iter_s_median'] / n * 1e6:.1f} us/token), peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"phase1_scaling_{time.strftime('%Y%m%d_%H%M%S')}.json").write_text(json.dumps(
-            {"torch": torch.__version__, "threads": int(env.get("BENCH_THREADS", "2")), "rows": rows}, indent=2))
+        write_report("phase1_scaling", {"torch": torch.__version__, "threads": int(env.get("BENCH_THREADS", "2")),
+                                        "rows": rows})
         return
     report = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "threads": int(env.get("BENCH_THREADS", "2")), "torch": torch.__version__,
@@ -198,10 +197,7 @@ def main() -> None:
                   f"seq step {seq_ms:.2f} ms (bound {b['step_bound_ms']:.2f} ms at batch 1), "
                   f"{med['seq_tokens_per_s']:.0f} tokens/s (compute bound {seq_bound_tps:.0f})", flush=True)
     report["loadavg_end"] = os.getloadavg()
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"phase1_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report("phase1", report)
 
 
 if __name__ == "__main__":

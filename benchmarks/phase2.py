@@ -15,15 +15,13 @@ Phase 2's contexts come from one sequential pass (the cache), timed separately.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from report import write_report
 
 
 def epoch_timer(times: list[float]):
@@ -57,14 +55,14 @@ def main() -> None:
 
     from cvfp_lightning.data import TextDataModule
     from cvfp_lightning.models.baselines import count_trainable
-    from cvfp_lightning.modules import BaselineLM, Phase1FixedPoint, Phase2LM
+    from cvfp_lightning.modules import BaselineLM, Phase1Parallel, Phase2LM
     from cvfp_lightning.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()  # off with CVFP_MALLOC_TUNING=0
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     tmp = Path(tempfile.mkdtemp())
     L.seed_everything(42, verbose=False)
-    p1 = Phase1FixedPoint(vocab_size=4096, context={"updater": "residual", "context_dim": 128, "num_layers": 3,
+    p1 = Phase1Parallel(vocab_size=4096, context={"updater": "residual", "context_dim": 128, "num_layers": 3,
                                                     "init_std": 0.3}, embedding={"embed_dim": 128})
     ckpt = tmp / "phase1.ckpt"
     torch.save({"state_dict": p1.state_dict(), "hyper_parameters": dict(p1.hparams), "epoch": 0}, ckpt)
@@ -102,10 +100,7 @@ def main() -> None:
     for k, v in report["tokens_per_s_median"].items():
         print(f"{k:12s} {params[k]:>9d} trainable params  {v:10.0f} train tokens/s")
     print(f"Phase 2 contexts (one sequential pass over train+val): {report['phase2_context_pass_s']:.2f}s")
-    out = HERE / "results" / f"phase2_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}", file=sys.stderr)
+    write_report("phase2", report)
 
 
 def reference(args) -> None:
@@ -121,7 +116,7 @@ def reference(args) -> None:
 
     from cvfp_lightning.data import SyntheticTokensDataModule
     from cvfp_lightning.models.baselines import count_trainable
-    from cvfp_lightning.modules import Phase1FixedPoint, Phase2LM
+    from cvfp_lightning.modules import Phase1Parallel, Phase2LM
     from cvfp_lightning.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()
@@ -131,7 +126,7 @@ def reference(args) -> None:
     context_s: list[float] = []
     for run in range(args.runs):
         L.seed_everything(42, verbose=False)
-        p1 = Phase1FixedPoint(vocab_size=50257, context={"updater": "residual", "context_dim": 768, "num_layers": 6,
+        p1 = Phase1Parallel(vocab_size=50257, context={"updater": "residual", "context_dim": 768, "num_layers": 6,
                                                          "token_input_all_layers": False},
                               embedding={"embed_dim": 768, "freeze": True})
         ckpt = tmp / "phase1.ckpt"
@@ -152,10 +147,7 @@ def reference(args) -> None:
               "context_pass_s_median": statistics.median(context_s), "seed_epoch_s": [14, 34]}
     print(f"Phase 2 on the reference workload: {report['epoch_s_median']:.2f} s per epoch (seed 14-34 s), "
           f"context pass {report['context_pass_s_median']:.2f} s, {report['trainable_params']:,} trainable params")
-    out = HERE / "results" / f"phase2_reference_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}", file=sys.stderr)
+    write_report("phase2_reference", report)
 
 
 if __name__ == "__main__":

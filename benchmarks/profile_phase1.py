@@ -1,6 +1,6 @@
 """Profile one parallel Phase 1 iteration on the reference workload (torch.profiler).
 
-Runs the real ``Phase1FixedPoint`` for 5 iterations and profiles the fifth (the first ones
+Runs the real ``Phase1Parallel`` for 5 iterations and profiles the fifth (the first ones
 warm up caches and the allocator's heap, which takes 3 iterations), then prints the ops by self CPU time and the minor page
 faults of every iteration, and writes the table to ``results/profile_phase1_<time>.txt``.
 This is how the before/after figures in ``benchmarks/README.md`` were taken.
@@ -36,7 +36,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from cvfp_lightning.data import SyntheticTokensDataModule
-    from cvfp_lightning.modules import Phase1FixedPoint
+    from cvfp_lightning.modules import Phase1Parallel
     from cvfp_lightning.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()  # off with CVFP_MALLOC_TUNING=0
@@ -45,7 +45,7 @@ def main() -> None:
     samples = args.mode == "samples"
     dm = SyntheticTokensDataModule(vocab_size=50257, num_tokens=6400, val_tokens=1280, seed=42,
                                    sequences=args.mode, max_seq_len=128 if samples else None, chunk_size=args.chunk)
-    model = Phase1FixedPoint(vocab_size=50257,
+    model = Phase1Parallel(vocab_size=50257,
                              context={"updater": "residual", "context_dim": 768, "num_layers": 6,
                                       "token_input_all_layers": args.all_layers == "true"},
                              embedding={"embed_dim": 768, "freeze": True}, dist_reg_weight=0.8, noise_std=0.1,

@@ -1,238 +1,80 @@
-"""``cvfp``: the Lightning CLI of cvfp_lightning.
+"""``cvfp``: the console entry point, a table from subcommand to entry function.
 
-    cvfp fit --config configs/phase1.yaml
-    cvfp fit --config configs/phase1.yaml --ckpt_path last        # resume the latest run
-    cvfp fit --config configs/phase1.yaml --trainer.devices 2 --trainer.strategy ddp
-    cvfp fit --config configs/phase1.yaml --print_config > my.yaml
-    cvfp scaling --config configs/scaling.yaml                    # the scaling-law experiment
+    cvfp fit --config configs/phase1.yaml                  # train (any Lightning subcommand)
+    cvfp fit --config configs/phase1.yaml --ckpt_path last # resume the latest run
+    cvfp scaling --config configs/scaling.yaml             # the scaling-law experiment
+    cvfp --help                                            # every subcommand
+    cvfp export --ckpt_path <run>/checkpoints/best.ckpt --out_dir exports/phase2
+    cvfp evaluate exports/phase2 --text held_out.txt       # loss, ppl, acc, bpb of whole files
+    cvfp generate exports/phase2 --prompt "The for statement"
 
-Any LightningModule / LightningDataModule can be named with ``class_path`` in a config.
-``data.vocab_size`` is linked to the model. User errors (bad values, missing files,
-unreadable checkpoints, offline hub misses) print one line and exit with code 2; pass
-``--debug`` (or set ``CVFP_DEBUG=1``) for the traceback.
+Each entry is ``module:function`` taking the arguments after the subcommand (the Lightning
+subcommands' entry takes the subcommand too: it is LightningCLI's own); modules are imported
+only when their subcommand runs, and none of them imports this module (litgpt's
+``__main__.py``). User errors (bad values, missing files, unreadable checkpoints, offline
+hub misses) print one line ``cvfp: error: ...`` and exit with code 2; pass ``--debug`` (or
+set ``CVFP_DEBUG=1``) for the traceback. The package's log lines (``cvfp: ...`` on stderr)
+show from INFO up; ``--log_level WARNING`` (or ``CVFP_LOG_LEVEL``) quiets them. Both flags
+may stand anywhere on the line and are taken out before the subcommand parses the rest.
 """
 
 from __future__ import annotations
 
-import glob
+import importlib
 import os
 import sys
-from pathlib import Path
 
-import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from cvfp_lightning.runtime import LOG_LEVELS, close_process_group, configure_logging, log_level, tune_cpu_allocator
 
-from cvfp_lightning.errors import CVFPUserError
-from cvfp_lightning.models.legacy import RESUME_REFUSED, is_legacy_state_dict
-from cvfp_lightning.runtime import close_process_group, tune_cpu_allocator
-
-
-def _flatten(d, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+LIGHTNING = "cvfp_lightning.runs:lightning_main"
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "fit": (LIGHTNING, "train a model (LightningCLI: --config, --ckpt_path, --trainer.*)"),
+    "validate": (LIGHTNING, "score the validation split with a checkpoint (--ckpt_path)"),
+    "test": (LIGHTNING, "score the test split with a checkpoint (--ckpt_path)"),
+    "predict": (LIGHTNING, "generate continuations of prompts with a checkpoint (--ckpt_path)"),
+    "scaling": ("cvfp_lightning.experiments.scaling_law:main",
+                "the scaling law: Phase 1 + Phase 2 per data size, fit log(PPL) against log(tokens)"),
+    "token-scaling": ("cvfp_lightning.experiments.token_count_scaling:main",
+                      "Phase 1 token-wise convergence against the number of distinct tokens"),
+    "export": ("cvfp_lightning.export:main", "write a checkpoint as a Hugging Face-style model folder"),
+    "evaluate": ("cvfp_lightning.evaluate:main", "score whole text files with a model folder or checkpoint"),
+    "generate": ("cvfp_lightning.generate:main", "continue prompts with a model folder or checkpoint"),
+}
 
 
-def _to_plain(value):
-    """Namespaces / dataclasses of a parsed config -> plain dicts and lists."""
-    from dataclasses import asdict, is_dataclass
-
-    from jsonargparse import Namespace
-
-    if isinstance(value, Namespace):
-        value = value.as_dict()
-    if is_dataclass(value) and not isinstance(value, type):
-        value = asdict(value)
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    return value
+def usage() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = ["usage: cvfp SUBCOMMAND [options]   (cvfp SUBCOMMAND --help for its options)", "", "subcommands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    lines += ["", "--debug (or CVFP_DEBUG=1) shows the traceback of an error.",
+              f"--log_level {'|'.join(LOG_LEVELS)} (or CVFP_LOG_LEVEL; default INFO): which of cvfp's log lines show."]
+    return "\n".join(lines)
 
 
-def _one_line(message: str) -> str:
-    """Collapse a (jsonargparse) error message to one line without the value dumps."""
-    lines = [line.strip().lstrip("- ").strip() for line in str(message).splitlines()]
-    noise = ("Given value", "Expected a <class 'NoneType'>", "Does not validate against any of the Union",
-             "Subtypes:", "Errors:")
-    keep = [line for line in lines if line and not line.startswith(noise)]
-    return " ".join(keep)[:800]
+def entry(name: str):
+    """The entry function of subcommand ``name``."""
+    module, _, function = SUBCOMMANDS[name][0].partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
-def _find_user_error(exc: BaseException | None) -> CVFPUserError | None:
-    """The user error behind ``exc``.
+def take_option(argv: list[str], name: str) -> str | None:
+    """Remove ``--name VALUE`` / ``--name=VALUE`` from ``argv`` and from ``sys.argv`` (which
+    LightningCLI reads); the last value in ``argv``, None when absent."""
 
-    jsonargparse re-raises errors of ``__init__`` as a ValueError whose text embeds ours
-    but whose cause is another union member's error, so the message is matched too.
-    Lightning's MisconfigurationException (bad trainer flags) counts as a user error.
-    """
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    def take(args: list[str]) -> str | None:
+        value, i = None, 0
+        while i < len(args):
+            if args[i] == name and i + 1 < len(args):
+                value = args.pop(i + 1)
+                args.pop(i)
+            elif args[i].startswith(name + "="):
+                value = args.pop(i).split("=", 1)[1]
+            else:
+                i += 1
+        return value
 
-    top, seen = exc, set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, CVFPUserError):
-            return exc
-        if isinstance(exc, MisconfigurationException):
-            return CVFPUserError(_one_line(str(exc)))
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    last = CVFPUserError.last
-    if top is not None and last is not None and str(last) and str(last) in str(top):
-        return last
-    return None
-
-
-class CVFPArgumentParser(LightningArgumentParser):
-    """Parse errors as one line on stderr, exit code 2 (the full report with ``--debug``)."""
-
-    debug = False
-
-    def error(self, message: str, ex: Exception | None = None):
-        if self.debug or not self.exit_on_error:
-            return super().error(message, ex)
-        user = _find_user_error(ex)
-        sys.stderr.write(f"cvfp: error: {user if user is not None else _one_line(message)}\n")
-        self.exit(2)
-
-
-class CVFPCLI(LightningCLI):
-    """LightningCLI with the cvfp defaults: checkpointing with ``last.ckpt``, a rich
-    progress bar, seed 42, the vocabulary size linked from the data, safe resume."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("model_class", L.LightningModule)
-        kwargs.setdefault("datamodule_class", L.LightningDataModule)
-        kwargs.setdefault("subclass_mode_model", True)
-        kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("seed_everything_default", 42)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": False})
-        kwargs.setdefault("parser_class", CVFPArgumentParser)
-        super().__init__(*args, **kwargs)
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True})
-        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
-
-    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
-        """Add a NonFiniteGuard, and a RichProgressBar unless progress bars are off or one is configured."""
-        from cvfp_lightning.callbacks.guard import NonFiniteGuard
-
-        configured = list(config.get("callbacks") or []) + list(callbacks)
-        if not any(isinstance(c, NonFiniteGuard) for c in configured):
-            callbacks = [*callbacks, NonFiniteGuard()]
-        if config.get("enable_progress_bar", True) is not False and not any(
-                isinstance(c, ProgressBar) for c in configured):
-            callbacks = [*callbacks, RichProgressBar()]
-        return super()._instantiate_trainer(config, callbacks)
-
-    def _set_seed(self) -> None:
-        """Lightning's seeding, without the log line (user errors stay one line on stderr)."""
-        from lightning.fabric.utilities.seed import seed_everything
-
-        seed = self._get(self.config, "seed_everything")
-        if seed is False:
-            return
-        seed = seed_everything(None if seed is True else seed, workers=True, verbose=False)
-        (self.config[self.subcommand] if self.subcommand else self.config)["seed_everything"] = seed
-
-    # ---- resume: find `last`, refuse changed hyperparameters ---------------------------
-    def _logger_dirs(self) -> list[Path]:
-        cfg = self.config[self.config.subcommand]
-        logger = cfg.get("trainer", {}).get("logger")
-        root = Path(cfg.get("trainer", {}).get("default_root_dir") or ".")
-        dirs = []
-        for item in (logger if isinstance(logger, list) else [logger]):
-            init = getattr(item, "init_args", None) or (item.get("init_args") if isinstance(item, dict) else None)
-            if init is not None:
-                init = _to_plain(init)
-                save_dir = init.get("save_dir") or init.get("root_dir")
-                if save_dir:
-                    dirs.append(Path(save_dir) / (init.get("name") or ""))
-        return dirs or [root / "lightning_logs"]
-
-    def _resolve_newest(self, which: str) -> str:
-        """The newest ``last.ckpt`` (``which="last"``) or ``best*.ckpt`` of earlier runs."""
-        pattern = "last.ckpt" if which == "last" else "best*.ckpt"
-        candidates = []
-        for d in self._logger_dirs():
-            candidates += glob.glob(str(d / "**" / "checkpoints" / pattern), recursive=True)
-        if not candidates:
-            where = ", ".join(str(d) for d in self._logger_dirs())
-            raise CVFPUserError(f"--ckpt_path {which}: no {pattern} found under {where}: nothing to load; "
-                                "give the checkpoint's path (or train first).")
-        return max(candidates, key=os.path.getmtime)
-
-    def _parse_ckpt_path(self) -> None:
-        """Check the checkpoint before anything is built (replaces Lightning's silent merge).
-
-        ``last`` resolves to the newest ``last.ckpt`` of earlier runs in the logger folder,
-        and (for validate / test / predict) ``best`` to the newest ``best*.ckpt``.
-        A checkpoint whose hyperparameters differ from the config is refused with the
-        differences named (Lightning would silently keep the checkpoint's values).
-        """
-        if not self.config.get("subcommand"):
-            return
-        sub = self.config.subcommand
-        ckpt_path = self.config[sub].get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("hpc", "registry") or (ckpt_path == "best" and sub == "fit"):
-            return
-        if ckpt_path in ("last", "best"):
-            ckpt_path = self._resolve_newest(ckpt_path)
-            self.config[sub]["ckpt_path"] = ckpt_path
-            print(f"cvfp: using {ckpt_path}", file=sys.stderr)
-        from cvfp_lightning.io import safe_torch_load
-
-        if not Path(ckpt_path).is_file():
-            raise CVFPUserError(f"--ckpt_path {ckpt_path!r} does not exist: give the path of a .ckpt file "
-                                "(e.g. lightning_logs/.../checkpoints/last.ckpt) or 'last'.")
-        ckpt = safe_torch_load(ckpt_path)
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-            raise CVFPUserError(f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (no state_dict).")
-        if sub == "fit" and ckpt.get("optimizer_states") and is_legacy_state_dict(ckpt["state_dict"]):
-            raise CVFPUserError(f"--ckpt_path {ckpt_path!r}: {RESUME_REFUSED}")
-        saved = _flatten({k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")})
-        model_cfg = self.config[sub].get("model")
-        current = _flatten(_to_plain(getattr(model_cfg, "init_args", None) or {}))
-        diffs = [f"{k}: checkpoint {saved[k]!r} vs config {current[k]!r}" for k in sorted(saved)
-                 if k in current and k != "vocab_size" and saved[k] != current[k]]
-        missing = sorted(k for k in saved if k not in current and k != "vocab_size")
-        if missing and current:
-            raise CVFPUserError(f"--ckpt_path {ckpt_path!r} was written by another model class (its "
-                                f"hyperparameters {missing[:5]} are not options of {model_cfg.class_path}).")
-        if diffs:
-            raise CVFPUserError(f"--ckpt_path {ckpt_path!r} was trained with other settings; a resume must use the "
-                                f"same ones (the run's config.yaml holds them: --config <run>/config.yaml). "
-                                f"Differences: {'; '.join(diffs)}.")
-
-
-def _check_config_files(args: list[str]) -> None:
-    """Name the file when a ``--config`` is missing or not YAML (jsonargparse does not)."""
-    import yaml
-
-    for i, arg in enumerate(args):
-        path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else (
-            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
-        if path is None:
-            continue
-        if not Path(path).is_file():
-            raise CVFPUserError(f"--config {path!r} does not exist: give the path of a YAML config (see configs/).")
-        try:
-            yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise CVFPUserError(f"--config {path!r} is not valid YAML: {_one_line(str(exc))}") from exc
-
-
-def _run_cli(args: list[str]) -> None:
-    _check_config_files(args)
-    # LightningCLI reads sys.argv itself; pass args only when they differ (in-process calls)
-    CVFPCLI(args=None if args == sys.argv[1:] else args)
+    take(sys.argv)
+    return take(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,18 +86,31 @@ def main(argv: list[str] | None = None) -> None:
         if "--debug" in sys.argv:
             sys.argv.remove("--debug")
         debug = True
-    CVFPArgumentParser.debug = debug
+    try:
+        level = log_level(take_option(argv, "--log_level"))
+    except ValueError as exc:
+        print(f"cvfp: error: --log_level: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    if argv[0] not in SUBCOMMANDS:
+        print(f"cvfp: error: unknown subcommand {argv[0]!r}: expected one of {', '.join(SUBCOMMANDS)} "
+              "(cvfp --help).", file=sys.stderr)
+        sys.exit(2)
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     tune_cpu_allocator()
-    try:
-        if argv and argv[0] == "scaling":
-            from cvfp_lightning.experiments.scaling import main as scaling_main
+    from cvfp_lightning.lightning_cli import CVFPArgumentParser, find_user_error
 
-            scaling_main(argv[1:])
+    configure_logging(level)  # after lightning's import, which sets its loggers' level
+    CVFPArgumentParser.debug = debug
+    try:
+        if SUBCOMMANDS[argv[0]][0] == LIGHTNING:
+            entry(argv[0])(argv)
         else:
-            _run_cli(argv)
+            entry(argv[0])(argv[1:])
     except Exception as exc:  # noqa: BLE001 - only user errors are shortened, others re-raised
-        user = _find_user_error(exc)
+        user = find_user_error(exc)
         if user is None or debug:
             raise
         print(f"cvfp: error: {user}", file=sys.stderr)

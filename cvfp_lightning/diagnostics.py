@@ -1,4 +1,4 @@
-"""Post-training diagnostics of a context updater (the failure modes the seeds ran into).
+"""Post-training diagnostics of a context updater (the failure modes the seed documents ran into).
 
 - identity mapping: ``mean cos(c, f(c, e))`` on random c; > 0.95 means f barely changes
   the context (fixed points everywhere, nothing learned).
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from cvfp_lightning.models.context import ContextUpdater
 from cvfp_lightning.models.embedding import TokenEmbedding
-from cvfp_lightning.solvers import fixed_point_iter, jacobian_spectral_norm
+from cvfp_lightning.solvers import fixed_point_iter, jacobian_spectral_norm, solve
 
 
 def attractor_stats(contexts: Tensor) -> dict[str, float]:
@@ -34,8 +34,14 @@ def attractor_stats(contexts: Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def cvfp_diagnostics(updater: ContextUpdater, embedding: TokenEmbedding, ids: Tensor, max_iter: int = 100,
-                     tol: float = 0.03, power_iters: int = 10, seed: int = 0) -> dict[str, float]:
-    """All diagnostics on the distinct token ids ``ids (K,)``; returns ``{name: value}``."""
+                     tol: float = 0.03, power_iters: int = 10, seed: int = 0,
+                     solver: str = "iteration") -> dict[str, float]:
+    """All diagnostics on the distinct token ids ``ids (K,)``; returns ``{name: value}``.
+
+    The fixed points are solved from ``c = 0`` by ``solver`` (:data:`~cvfp_lightning.solvers.SOLVERS`);
+    ``fixed_point_steps`` is its mean number of steps, and with a solver other than plain
+    iteration ``fixed_point_steps_iteration`` is plain iteration's, for comparison.
+    """
     device = next(updater.parameters()).device
     ids = torch.unique(ids.to(device))
     e = embedding(ids)
@@ -48,11 +54,13 @@ def cvfp_diagnostics(updater: ContextUpdater, embedding: TokenEmbedding, ids: Te
     def f(x):
         return updater.update_context_one_step(x, e, token_terms=terms)
 
-    fixed, stats = fixed_point_iter(f, torch.zeros_like(c), max_iter=max_iter, tol=tol)
+    fixed, stats = solve(solver, f, torch.zeros_like(c), max_iter=max_iter, tol=tol)
     with torch.enable_grad():
         sigma = jacobian_spectral_norm(f, fixed, n_iter=power_iters, generator=g)
     out = {"identity_cosine": identity, "fixed_point_rate": stats.convergence_rate,
            "fixed_point_steps": stats.mean_steps, "fixed_point_rms": fixed.pow(2).mean().sqrt().item(),
            "contraction_mean": sigma.mean().item(), "contraction_max": sigma.max().item()}
+    if solver != "iteration":
+        out["fixed_point_steps_iteration"] = fixed_point_iter(f, torch.zeros_like(c), max_iter, tol)[1].mean_steps
     out.update(attractor_stats(fixed))
     return out

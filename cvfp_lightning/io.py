@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -64,3 +66,12 @@ def safe_torch_load(path: str | Path) -> Any:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CVFPUserError(f"{str(path)!r} is not a readable cvfp_lightning file ({first}); it may be truncated, "
                             "corrupt or from another program: delete it or point to the right file.") from exc
+
+
+def atomic_write_csv(rows: list[dict], columns: list[str], path: str | Path) -> Path:
+    """A CSV with a header of ``columns`` and one line per row (missing keys empty), written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(buf.getvalue(), path)

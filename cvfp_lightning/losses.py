@@ -1,8 +1,8 @@
 """Training losses of CVFP models.
 
-- :func:`cvfp_loss`: fixed-point self-consistency ``mean per_dim_mse(out, target)``.
 - :func:`cyclic_convergence_loss`: repetition training
-  ``MSE(ctx[:, L:], ctx[:, :-L])`` for cycle length L.
+  ``MSE(ctx[:, L:], ctx[:, :-L])`` for cycle length L; :func:`cycle_stats` the same over a
+  batch of rows with their own L, with the change and distance statistics.
 - :func:`diversity_loss`: ``-||X - mean(X)||_F / n`` (negative spread, to be minimised).
 - :func:`spread`: ``||X - mean(X)||_F`` in chunks, for the per-iteration statistics.
 - :func:`diversity_surrogate`: the chunked form of the global diversity loss whose
@@ -11,15 +11,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from cvfp_lightning.solvers import per_dim_mse
-
-
-def cvfp_loss(out: Tensor, target: Tensor) -> Tensor:
-    """``mean over rows of per_dim_mse(out, target)``; ``target`` is treated as a constant."""
-    return per_dim_mse(out, target.detach()).mean()
 
 
 def cyclic_convergence_loss(contexts: Tensor, cycle_length: int, mask: Tensor | None = None) -> Tensor:
@@ -38,6 +35,63 @@ def cyclic_convergence_loss(contexts: Tensor, cycle_length: int, mask: Tensor | 
         return per_pair.mean()
     pair_mask = (mask[:, L:] & mask[:, :-L]).to(per_pair.dtype)
     return (per_pair * pair_mask).sum() / pair_mask.sum().clamp_min(1.0)
+
+
+@dataclass
+class CycleStats:
+    """Statistics of one batch of contexts (see :func:`cycle_stats`).
+
+    ``conv_loss`` keeps its graph; the rest are detached. ``pairs`` / ``steps`` count the
+    real (t, t-L) pairs and (t, t-1) steps behind the means.
+    """
+
+    conv_loss: Tensor
+    conv_metric: Tensor
+    change: Tensor
+    pairs: int
+    steps: int
+
+
+def cycle_stats(contexts: Tensor, cycle_length: Tensor, mask: Tensor) -> CycleStats:
+    """Cyclic loss and distances of ``contexts (B, T, D)`` with per-row ``cycle_length (B,)``
+    and ``mask (B, T)`` (True = real position; padding only at the end of a row).
+
+    ``conv_loss`` = mean over all real pairs of ``per_dim_mse(ctx[t], ctx[t - L_b])``
+    (:func:`~cvfp_lightning.losses.cyclic_convergence_loss` per group of equal L, weighted
+    by pair count), ``conv_metric`` = mean ``||ctx[t] - ctx[t - L_b]||_2`` over the same
+    pairs, ``change`` = mean ``||ctx[t] - ctx[t - 1]||_2`` over real consecutive positions.
+    """
+    total_loss = contexts.sum() * 0.0
+    dist_sum = contexts.new_zeros(())
+    pairs = 0
+    for L in cycle_length.unique().tolist():
+        rows = cycle_length == L
+        c, m = contexts[rows], mask[rows]
+        pair_mask = m[:, L:] & m[:, :-L]
+        n = int(pair_mask.sum())
+        if n == 0:
+            continue
+        total_loss = total_loss + cyclic_convergence_loss(c, L, m) * n
+        dist = (c[:, L:] - c[:, :-L]).detach().norm(dim=-1)
+        dist_sum = dist_sum + dist[pair_mask].sum()
+        pairs += n
+    step_mask = mask[:, 1:] & mask[:, :-1]
+    steps = int(step_mask.sum())
+    change = (contexts[:, 1:] - contexts[:, :-1]).detach().norm(dim=-1)[step_mask].sum()
+    return CycleStats(conv_loss=total_loss / max(pairs, 1), conv_metric=dist_sum / max(pairs, 1),
+                      change=change / max(steps, 1), pairs=pairs, steps=steps)
+
+
+def cycle_end_contexts(contexts: Tensor, cycle_length: Tensor, mask: Tensor) -> Tensor:
+    """Context of each row at its last complete cycle: ``(B, T, D) -> (B, D)``.
+
+    Row b with ``n_b`` real positions ends its last whole cycle at
+    ``t = (n_b // L_b) * L_b - 1``; comparing rows there compares the same phase of every
+    cycle (after a whole phrase), which matters when the L_b differ.
+    """
+    n = mask.sum(dim=1)
+    last = (n // cycle_length) * cycle_length - 1
+    return contexts[torch.arange(contexts.shape[0], device=contexts.device), last.clamp_min(0)]
 
 
 def diversity_loss(contexts: Tensor, center: Tensor | None = None) -> Tensor:

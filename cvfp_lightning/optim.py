@@ -1,4 +1,4 @@
-"""The optimizer of every CVFP module: Adam, with torch's fused kernel where it applies.
+"""The optimizer of every CVFP module (Adam, torch's fused kernel where it applies) and its clipping.
 
 ``torch.optim.Adam(fused=True)`` updates all parameters in one kernel per device instead of
 a chain of elementwise ops with temporaries: 98 ms -> 30 ms per step for the 38.6M-parameter
@@ -35,3 +35,12 @@ def configure_adam(module) -> torch.optim.Adam:
     params = [p for p in module.parameters() if p.requires_grad]
     check(len(params) > 0, f"{type(module).__name__} has no trainable parameters.")
     return adam(params, lr=module.hparams.lr, trainer=module._trainer)
+
+
+def clip_gradients(module, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+    """``configure_gradient_clipping`` of the CVFP modules: the trainer's ``gradient_clip_val``
+    when set, else ``module.hparams.grad_clip`` (0 disables), by ``gradient_clip_algorithm``
+    (default ``norm``)."""
+    clip = gradient_clip_val if gradient_clip_val is not None else module.hparams.grad_clip
+    if clip and clip > 0:
+        module.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")

@@ -2,17 +2,21 @@
 
 The convergence measure everywhere is the per-dimension mean squared error
 ``per_dim_mse(a, b) = mean_d (a - b)^2`` over the last dimension (never the L2 norm,
-which grows with sqrt(D): the seeds' worst bug). Solvers follow torchdeq: small functions
-with one signature ``solver(f, x0, ...) -> (x, FixedPointStats)``.
+which grows with sqrt(D): the seed documents' worst bug). Solvers follow torchdeq: small
+functions with one signature ``solver(f, x0, max_iter, tol, warmup) -> (x, FixedPointStats)``,
+named in :data:`SOLVERS` (plain ``iteration`` and ``anderson`` acceleration) and called
+through :func:`solve`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
+
+from cvfp_lightning.errors import CVFPUserError
 
 
 def per_dim_mse(a: Tensor, b: Tensor) -> Tensor:
@@ -76,12 +80,13 @@ def fixed_point_iter(f: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int = 
 
 
 @torch.no_grad()
-def anderson(f: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int = 50, tol: float = 1e-2, m: int = 5,
-             lam: float = 1e-4, beta: float = 1.0) -> tuple[Tensor, FixedPointStats]:
+def anderson(f: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int = 50, tol: float = 1e-2, warmup: int = 0,
+             m: int = 5, lam: float = 1e-4, beta: float = 1.0) -> tuple[Tensor, FixedPointStats]:
     """Anderson acceleration (type II, as in torchdeq / Walker & Ni 2011) on ``(B, D)``.
 
     Converged rows keep iterating with the others but their reported result is frozen at
-    the first step that met ``tol``; residuals use :func:`per_dim_mse`.
+    the first step that met ``tol`` (checked from step ``warmup + 1`` on); residuals use
+    :func:`per_dim_mse`; ``nstep`` counts f evaluations as :func:`fixed_point_iter` does.
     """
     B, D = x0.shape
     X = x0.new_zeros(B, m, D)
@@ -111,12 +116,24 @@ def anderson(f: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int = 50, tol:
         active = ~converged
         best = torch.where(active.unsqueeze(-1), x_k, best)
         residual = torch.where(active, res, residual)
-        newly = active & (res < tol)
+        newly = active & (res < tol) & (k + 1 > warmup)
         nstep = torch.where(newly, torch.full_like(nstep, k + 1), nstep)
         converged |= newly
         if bool(converged.all()):
             break
     return best, FixedPointStats(residual, converged, nstep, trace)
+
+
+SOLVERS = {"iteration": fixed_point_iter, "anderson": anderson}
+SolverName = Literal["iteration", "anderson"]
+
+
+def solve(solver: str, f: Callable[[Tensor], Tensor], x0: Tensor, max_iter: int, tol: float,
+          warmup: int = 0) -> tuple[Tensor, FixedPointStats]:
+    """The fixed points of ``f`` from ``x0 (B, D)`` by ``solver`` (``iteration`` | ``anderson``)."""
+    if solver not in SOLVERS:
+        raise CVFPUserError(f"solver={solver!r} is unknown: expected one of {', '.join(SOLVERS)}.")
+    return SOLVERS[solver](f, x0, max_iter=max_iter, tol=tol, warmup=warmup)
 
 
 def jacobian_spectral_norm(f: Callable[[Tensor], Tensor], x: Tensor, n_iter: int = 20,

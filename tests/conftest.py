@@ -30,7 +30,7 @@ def _token_cache(tmp_path_factory):
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     """A small English text file: 40 paragraphs of the bundled corpus."""
-    text = (ROOT / "data" / "pydoc_topics.txt").read_text(encoding="utf-8")
+    text = (ROOT / "cvfp_lightning" / "data" / "bundled" / "pydoc_topics.txt").read_text(encoding="utf-8")
     paragraphs = [p for p in text.split("\n\n") if p.strip()][:40]
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(p[:1500] for p in paragraphs) + "\n", encoding="utf-8")

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 
 from cvfp_lightning.data import TextDataModule
-from cvfp_lightning.modules import Phase1FixedPoint
+from cvfp_lightning.modules import Phase1Parallel
 
 SMALL_CONTEXT = {"updater": "residual", "context_dim": 16, "num_layers": 2, "token_input_all_layers": True}
 
@@ -19,7 +19,7 @@ def phase1_checkpoint(path: Path, vocab_size: int, context: dict | None = None, 
                       seed: int = 0) -> Path:
     """A Phase 1 checkpoint as Lightning writes it (state_dict + hyper_parameters), untrained."""
     torch.manual_seed(seed)
-    module = Phase1FixedPoint(vocab_size=vocab_size, context=context or SMALL_CONTEXT,
+    module = Phase1Parallel(vocab_size=vocab_size, context=context or SMALL_CONTEXT,
                               embedding=embedding or {"embed_dim": 16})
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "epoch": 0}, path)

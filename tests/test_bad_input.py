@@ -62,7 +62,8 @@ CASES = [
     ("dist_reg_weight > 1", ["--model.init_args.dist_reg_weight", "1.5"], "dist_reg_weight=1.5"),
     ("dist_reg_weight < 0", ["--model.init_args.dist_reg_weight", "-0.1"], "dist_reg_weight=-0.1"),
     ("negative lr", ["--model.init_args.lr=-1e-3"], "lr=-0.001"),
-    ("unknown mode", ["--model.init_args.mode", "serial"], "serial"),
+    ("unknown mode", ["--model.class_path", "cvfp_lightning.modules.Phase1FixedPoint", "--model.init_args.mode",
+                      "serial"], "serial"),
     ("unknown updater", ["--model.init_args.context.updater", "lstm"], "lstm"),
     ("unknown centring", ["--model.init_args.diversity_center", "median"], "median"),
     ("negative max_epochs", ["--trainer.max_epochs", "-5"], "max_epochs"),
@@ -85,8 +86,9 @@ CASES = [
     ("resume last with nothing to resume", ["--ckpt_path", "last", "--trainer.logger.init_args.name", "nothing"],
      "no last.ckpt"),
     ("unparsable config", ["--config", "{bad}"], "bad.yaml"),
-    ("tokenwise warmup >= max", ["--model.init_args.mode", "tokenwise", "--model.init_args.warmup_iterations", "5",
-                                 "--model.init_args.max_inner_iterations", "5"], "warmup_iterations=5"),
+    ("tokenwise warmup >= max", ["--model.class_path", "cvfp_lightning.modules.Phase1Tokenwise",
+                                 "--model.init_args.warmup_iterations", "5", "--model.init_args.max_inner_iterations",
+                                 "5"], "warmup_iterations=5"),
 ]
 
 
@@ -135,14 +137,18 @@ def phase2_files(tmp_path_factory, existing_run, files) -> dict[str, str]:
     run_cli(["fit", "--config", P2, "--model.init_args.phase1_checkpoint", p1, *QUICK[:4],
              "--data.init_args.num_samples", "6", "--data.init_args.max_seq_len", "64", "--trainer.max_epochs", "1",
              "--trainer.logger.init_args.save_dir", str(d / "logs")])
-    cache = next(existing_run.rglob("context_cache.pt"))
-    tampered = torch.load(cache, weights_only=True)
-    tampered["fingerprint"] = "0" * 64
-    torch.save(tampered, d / "tampered_cache.pt")
+    import json
+    import shutil
+
+    cache = next(existing_run.rglob("context_cache"))
+    shutil.copytree(cache, d / "tampered_cache")
+    meta = json.loads((d / "tampered_cache" / "meta.json").read_text())
+    meta["fingerprint"] = "0" * 64
+    (d / "tampered_cache" / "meta.json").write_text(json.dumps(meta))
     tok = load_tokenizer(None)
     tok.add_tokens(["<one-more>"])
     tok.save_pretrained(d / "tok4097")
-    return {"p1": p1, "p2": str(next((d / "logs").rglob("last.ckpt"))), "tampered": str(d / "tampered_cache.pt"),
+    return {"p1": p1, "p2": str(next((d / "logs").rglob("last.ckpt"))), "tampered": str(d / "tampered_cache"),
             "tok4097": str(d / "tok4097"), "good_cache": str(cache), **{k: str(v) for k, v in files.items()}}
 
 

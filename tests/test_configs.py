@@ -66,3 +66,32 @@ def test_ultrachat_phase1_config_with_local_gpt2_folders(tmp_path, ultrachat_jso
     assert 0.0 <= scalars["train/convergence_rate"][-1][1] <= 1.0
     hparams = next((tmp_path / "logs").rglob("hparams.yaml")).read_text()
     assert "embed_dim: 32" in hparams  # the pretrained width was taken from the model
+
+
+BEFORE = CONFIGS.parent / "tests" / "fixtures" / "configs_before_redesign"  # copies of the configs as they were
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra, built", [
+    ("phase1.yaml", ["--data.init_args.num_samples", "8"], "Phase1Parallel"),
+    ("phase1_tokenwise.yaml", ["--data.init_args.num_samples", "4"], "Phase1Tokenwise"),
+    ("topk_fair.yaml", ["--data.init_args.top_k", "3", "--data.init_args.repetitions", "4"], "round_robin"),
+    ("topk_sequential.yaml", ["--data.init_args.top_k", "3", "--data.init_args.repetitions", "4"], "sequential"),
+])
+def test_configs_written_before_the_redesign_still_run(name, extra, built, tmp_path):
+    """Phase1FixedPoint (with mode) and TopKCVFPT (schedule from data.schedule) are deprecated aliases."""
+    import json
+
+    import yaml
+
+    small = ["--model.init_args.context.context_dim", "16", "--model.init_args.embedding.embed_dim", "16"]
+    budget = TINY if name.startswith("phase1") else TINY[:2] + TINY[6:]  # every Top-K token needs its batches
+    run_cli(["fit", "--config", str(BEFORE / name), *budget, *extra, *small, "--trainer.accelerator", "cpu",
+             "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert list(tmp_path.rglob("last.ckpt")), "the run wrote no checkpoint"
+    if name.startswith("topk"):
+        assert json.loads(next(tmp_path.rglob("topk_summary.json")).read_text())["schedule"] == built
+    else:
+        hparams = yaml.safe_load(next(tmp_path.rglob("hparams.yaml")).read_text())
+        assert ("dist_reg_weight" in hparams) == (built == "Phase1Parallel")
+        assert ("max_inner_iterations" in hparams) == (built == "Phase1Tokenwise")

@@ -12,11 +12,11 @@ import torch
 from cvfp_lightning.data.sequences import TokenSequences
 from cvfp_lightning.diagnostics import attractor_stats, cvfp_diagnostics
 from cvfp_lightning.errors import CVFPUserError
-from cvfp_lightning.losses import cvfp_loss, cyclic_convergence_loss, diversity_loss, diversity_surrogate, spread
+from cvfp_lightning.losses import cyclic_convergence_loss, diversity_loss, diversity_surrogate, spread
 from cvfp_lightning.metrics import ConvergenceRate, EffectiveRank, effective_rank
 from cvfp_lightning.models import ContextConfig, ContextUpdater, build_context_updater, build_embedding, unroll
 from cvfp_lightning.models.layers import ConcatLinear
-from cvfp_lightning.passes import sequential_pass, shifted_inputs
+from cvfp_lightning.sequential_pass import sequential_pass, shifted_inputs
 from cvfp_lightning.solvers import anderson, fixed_point_iter, jacobian_spectral_norm, per_dim_mse
 
 PKG = Path(__file__).resolve().parents[1] / "cvfp_lightning"
@@ -99,7 +99,7 @@ def test_cyclic_loss_of_a_hand_built_sequence():
     ctx = torch.stack([a, b, a, b]).unsqueeze(0)
     assert cyclic_convergence_loss(ctx, 2).item() == 0.0
     assert cyclic_convergence_loss(ctx, 1).item() == pytest.approx(4.0)
-    assert cvfp_loss(ctx[0, 1:], ctx[0, :-1]).item() == pytest.approx(4.0)
+    assert per_dim_mse(ctx[0, 1:], ctx[0, :-1]).mean().item() == pytest.approx(4.0)
 
 
 @pytest.mark.parametrize("cfg, layer_dims", [
@@ -187,7 +187,7 @@ def test_sequential_pass_matches_unroll_and_batches_sequences():
 def test_sequential_pass_computes_no_padding_steps(monkeypatch):
     """Sequences of many lengths (and an empty one), small blocks: every position is computed
     once, from its own sequence's history, and ended sequences leave the batch."""
-    import cvfp_lightning.passes as passes
+    import cvfp_lightning.sequential_pass as passes
 
     torch.manual_seed(0)
     upd = build_context_updater(ContextConfig(context_dim=8, num_layers=2), 8)

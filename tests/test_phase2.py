@@ -224,7 +224,7 @@ def test_phase1_then_phase2_with_a_cache_hit_then_test_and_predict(tmp_path, cor
              "--model.init_args.embedding.embed_dim", "32", "--trainer.logger.init_args.save_dir",
              str(tmp_path / "logs")])
     p1_dir = next((tmp_path / "logs" / "phase1").rglob("last.ckpt")).parent
-    assert (p1_dir / "context_cache.pt").is_file()  # written by ContextCacheHandoff
+    assert (p1_dir / "context_cache" / "meta.json").is_file()  # written by ContextCacheHandoff
 
     phase2 = ["--config", str(CONFIGS / "phase2.yaml"), *data, *QUIET, "--data.init_args.chunk_size", "256",
               "--model.init_args.phase1_checkpoint", str(tmp_path / "logs/phase1/version_*/checkpoints/last.ckpt"),
@@ -296,3 +296,100 @@ def test_seed_and_ultrachat_phase2_configs_run(tmp_path, ultrachat_jsonl):
              "--data.init_args.num_tokens", "256", "--data.init_args.val_tokens", "64"])
     run_cli(["fit", "--config", str(CONFIGS / "ultrachat_phase2.yaml"), *common, "--data.init_args.data_files",
              str(ultrachat_jsonl), "--data.init_args.num_samples", "10", "--data.init_args.tokenizer", str(folder)])
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    from cvfp_lightning.io import file_sha256
+
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_evaluation_pairs_with_its_own_phase1_run_and_writes_into_no_other_run(tmp_path, corpus, caplog):
+    """Phase 2 is fit on the first of two Phase 1 runs; its config's glob later matches the second.
+    ``cvfp test`` of the Phase 2 run must still score the first pairing and leave both Phase 1 folders as they were."""
+    from conftest import read_scalars
+
+    caplog.set_level("INFO")
+    logs = tmp_path / "logs"
+    data = ["--data.init_args.paths", f"[{corpus}]", "--data.init_args.max_seq_len", "128"]
+    phase1 = ["fit", "--config", str(CONFIGS / "phase1.yaml"), *data, *QUIET, "--trainer.max_epochs", "1",
+              "--model.init_args.context.context_dim", "16", "--model.init_args.context.num_layers", "1",
+              "--model.init_args.embedding.embed_dim", "16", "--trainer.logger.init_args.save_dir", str(logs)]
+    run_cli(phase1)
+    first = logs / "phase1" / "version_0" / "checkpoints"
+    run_cli(["fit", "--config", str(CONFIGS / "phase2.yaml"), *data, *QUIET, "--data.init_args.chunk_size", "512",
+             "--model.init_args.phase1_checkpoint", str(logs / "phase1/version_*/checkpoints/last.ckpt"),
+             "--trainer.max_epochs", "1", "--trainer.logger.init_args.save_dir", str(logs)])
+    run_dir = logs / "phase2" / "version_0"
+    evaluate = ["test", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(run_dir / "checkpoints/best.ckpt")]
+    run_cli(evaluate)  # only the first Phase 1 run exists: the reference scores
+    reference = read_scalars(logs / "phase2" / "version_1")
+
+    run_cli([*phase1, "--seed_everything", "7"])  # a second Phase 1 run, now the newest match of the glob
+    assert (logs / "phase1" / "version_1" / "checkpoints" / "context_cache" / "meta.json").is_file()
+    before = _file_digests(logs / "phase1")
+    caplog.clear()
+    run_cli(evaluate)
+    assert _file_digests(logs / "phase1") == before  # nothing under either Phase 1 run changed
+    assert f"context cache hit: {first / 'context_cache'}" in caplog.text  # the first run's contexts
+    again = read_scalars(logs / "phase2" / "version_2")
+    tags = [t for t in reference if t.startswith("test/")]
+    assert {"test/loss", "test/ppl", "test/acc", "test/bpb"} <= set(tags)
+    for tag in tags:
+        assert again[tag] == reference[tag], tag  # the same pairing: identical numbers
+
+    # the checkpoint alone rebuilds the model (the pairing is recorded in it), no argument needed
+    best = Phase2LM.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    assert best.phase1_path == first / "last.ckpt"
+    p1_state = torch.load(first / "last.ckpt", weights_only=True)["state_dict"]
+    for name, value in best.lm.updater.state_dict().items():
+        assert torch.equal(value, p1_state[f"updater.{name}"]), name
+
+
+def test_a_phase2_checkpoint_whose_context_block_was_altered_is_refused(tmp_path):
+    model = Phase2LM(vocab_size=V, phase1_checkpoint=str(phase1_checkpoint(tmp_path / "p1.ckpt", V)))
+    checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    model.on_save_checkpoint(checkpoint)
+    assert checkpoint["hyper_parameters"]["phase1"]["checkpoint"] == str(tmp_path / "p1.ckpt")
+    rebuilt = Phase2LM(vocab_size=V, **{k: v for k, v in checkpoint["hyper_parameters"].items() if k != "vocab_size"})
+    rebuilt.on_load_checkpoint(checkpoint)  # the recorded digest matches
+    checkpoint["state_dict"]["lm.updater.linears.0.state.weight"] = \
+        checkpoint["state_dict"]["lm.updater.linears.0.state.weight"] + 1e-3
+    with pytest.raises(CVFPUserError, match="not the Phase 1 model it records") as info:
+        rebuilt.on_load_checkpoint(checkpoint)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_the_seeds_tied_head_starts_at_a_sane_loss_on_real_text(tmp_path, corpus):
+    """phase2_seed.yaml's settings (head tied to a frozen random 768-dim embedding) on English text:
+    the first loss is near ln V, not hundreds of nats, and two epochs train without a false fault."""
+    from conftest import read_scalars
+
+    ckpt = phase1_checkpoint(tmp_path / "p1" / "last.ckpt", V, embedding={"embed_dim": 768},
+                             context={"updater": "residual", "context_dim": 768, "num_layers": 1,
+                                      "token_input_all_layers": False})
+    run_cli(["fit", "--config", str(CONFIGS / "phase2_seed.yaml"), *QUIET, "--trainer.max_epochs", "2",
+             "--model.init_args.phase1_checkpoint", str(ckpt), "--model.init_args.cache", "off",
+             "--data", "cvfp_lightning.data.TextDataModule", "--data.init_args.paths", f"[{corpus}]",
+             "--data.init_args.sequences", "samples", "--data.init_args.max_seq_len", "512",
+             "--data.init_args.chunk_size", "1024", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+    scalars = read_scalars(tmp_path / "logs")
+    losses = [v for _, v in sorted(scalars["train/loss"])]
+    assert losses[0] < 2 * math.log(V), losses[:3]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert len(scalars["val/loss"]) == 2  # both epochs ran and validated
+
+
+def test_guard_judges_losses_not_an_overflowing_perplexity():
+    from cvfp_lightning.callbacks import NonFiniteGuard, TrainingDiverged
+
+    class Trainer:
+        current_epoch, global_step, checkpoint_callback = 0, 15, None
+        callback_metrics = {"train/loss": torch.tensor(130.0), "train/ppl": torch.tensor(float("inf"))}
+
+    NonFiniteGuard().on_train_epoch_end(Trainer(), None)  # exp(130) overflows float32: no fault
+    Trainer.callback_metrics = {"train/cvfp_loss": torch.tensor(float("nan"))}
+    with pytest.raises(TrainingDiverged, match="train/cvfp_loss = nan at epoch 0, step 15"):
+        NonFiniteGuard().on_train_epoch_end(Trainer(), None)

@@ -18,17 +18,17 @@ SMALL = ["--data.init_args.num_samples", "8", "--data.init_args.max_seq_len", "6
 
 @pytest.mark.slow
 def test_nan_loss_stops_naming_epoch_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    import cvfp_lightning.modules.phase1 as phase1
+    import cvfp_lightning.modules.phase1.parallel as phase1
 
     real_mse = phase1.per_dim_mse
-    real_start = phase1.Phase1FixedPoint.on_train_epoch_start
+    real_start = phase1.Phase1Parallel.on_train_epoch_start
     poison = {"on": False}
 
     def start(self):
         poison["on"] = self.current_epoch == 2
         real_start(self)
 
-    monkeypatch.setattr(phase1.Phase1FixedPoint, "on_train_epoch_start", start)
+    monkeypatch.setattr(phase1.Phase1Parallel, "on_train_epoch_start", start)
     monkeypatch.setattr(phase1, "per_dim_mse", lambda a, b: real_mse(a, b) * (float("nan") if poison["on"] else 1.0))
     with pytest.raises(SystemExit) as info:
         run_cli(["fit", "--config", str(CONFIGS / "phase1.yaml"), *SMALL, "--trainer.max_epochs", "5",

@@ -153,10 +153,10 @@ def test_shipped_config_runs_three_stages_through_the_cli(tmp_path):
 
 @pytest.mark.slow
 def test_token_scaling_script_prints_the_seed_table(tmp_path, capsys):
-    from cvfp_lightning.experiments.token_scaling import main
+    from cvfp_lightning.experiments.token_count_scaling import main
 
-    rows = main(["--counts", "3", "6", "--epochs", "1", "--context-dim", "16", "--hidden-dim", "16",
-                 "--max-iterations", "20", "--out", str(tmp_path)])
+    rows = main(["--counts", "[3, 6]", "--epochs", "1", "--context_dim", "16", "--hidden_dim", "16",
+                 "--max_iterations", "20", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| Token Count | Sequential | Layer-wise | Seq Avg Iters | Layer Avg Iters |" in out
     assert [(r["tokens"], r["architecture"]) for r in rows] == [(3, "sequential"), (3, "layerwise"),

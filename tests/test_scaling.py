@@ -12,7 +12,7 @@ import pytest
 
 from conftest import CONFIGS, read_scalars, run_cli
 from cvfp_lightning import CVFPUserError
-from cvfp_lightning.experiments.scaling import (
+from cvfp_lightning.experiments.scaling_law import (
     ScalingExperiment,
     ScalingSettings,
     build_parser,
@@ -197,7 +197,7 @@ def test_overrides_reach_every_run_as_command_line_arguments(tmp_path, no_input_
 
 
 def test_cli_args_put_class_paths_first_and_keep_strings_as_they_are():
-    from cvfp_lightning.experiments.scaling import cli_args
+    from cvfp_lightning.experiments.scaling_law import cli_args
 
     args = cli_args({"data.init_args.data_files": "a.jsonl", "trainer.max_epochs": 3, "data.init_args.paths": None,
                      "data.class_path": "cvfp_lightning.data.UltraChatDataModule", "x.flag": True})
@@ -296,7 +296,7 @@ def test_two_sizes_end_to_end_with_a_gru_baseline_then_resume(tmp_path, capsys):
     for size in (6, 12):
         record = json.loads((out / f"samples_{size:05d}" / "phase2.json").read_text())
         assert record["metrics"]["contexts"].startswith("context cache hit"), record["metrics"]["contexts"]
-        assert (out / f"samples_{size:05d}" / "phase1" / "checkpoints" / "context_cache.pt").is_file()
+        assert (out / f"samples_{size:05d}" / "phase1" / "checkpoints" / "context_cache" / "meta.json").is_file()
     capsys.readouterr()
 
     records = {p: p.stat().st_mtime_ns for p in out.glob("samples_*/*.json")}

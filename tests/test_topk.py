@@ -17,7 +17,8 @@ from cvfp_lightning.diagnostics import attractor_stats
 from cvfp_lightning.errors import CVFPUserError
 from cvfp_lightning.models import ContextConfig, EmbeddingConfig
 from cvfp_lightning.modules import TopKCVFPT
-from cvfp_lightning.modules.topk import COLUMNS
+from cvfp_lightning.callbacks import TopKReport
+from cvfp_lightning.callbacks.topk_report import COLUMNS
 
 TINY = {"updater": "simple", "context_dim": 8, "hidden_dim": 8, "num_layers": 1, "init_std": 0.1, "bias_std": 0.01}
 
@@ -49,7 +50,7 @@ def fit(tmp_path, schedule: str, epochs: int, top_k: int = 3, **model_kwargs):
     model = TopKCVFPT(vocab_size=dm.vocab_size, context=TINY, embedding={"embed_dim": 8}, **model_kwargs)
     rec = Recorder()
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[rec],
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[rec, TopKReport()],
                         default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
     return model, dm, rec, trainer

@@ -8,6 +8,8 @@ import lightning as L
 import torch
 
 from cvfp_lightning.diagnostics import cvfp_diagnostics
+from cvfp_lightning.errors import check
+from cvfp_lightning.solvers import SOLVERS, SolverName
 
 log = logging.getLogger(__name__)
 
@@ -18,23 +20,22 @@ class CVFPDiagnostics(L.Callback):
     Runs at the end of training, and every ``every_n_epochs`` epochs when set. Uses up to
     ``num_tokens`` distinct ids of the training data (or of the vocabulary when the data
     has no sequences), fixed-point tolerance ``tol`` (default: the module's
-    ``convergence_threshold``).
+    ``convergence_threshold``), fixed points solved by ``solver`` (``iteration`` or
+    ``anderson``; with ``anderson``, ``diag/fixed_point_steps_iteration`` shows plain
+    iteration's step count beside it).
     """
 
     def __init__(self, num_tokens: int = 256, every_n_epochs: int | None = None, max_iter: int = 100,
-                 tol: float | None = None, power_iters: int = 10):
+                 tol: float | None = None, power_iters: int = 10, solver: SolverName = "iteration"):
+        check(solver in SOLVERS, f"CVFPDiagnostics.solver={solver!r} is unknown: expected one of {', '.join(SOLVERS)}.")
         self.num_tokens, self.every_n_epochs = num_tokens, every_n_epochs
-        self.max_iter, self.tol, self.power_iters = max_iter, tol, power_iters
+        self.max_iter, self.tol, self.power_iters, self.solver = max_iter, tol, power_iters, solver
         self.results: dict[str, float] = {}
 
     def _token_ids(self, trainer: L.Trainer, pl_module) -> torch.Tensor:
         seqs = getattr(getattr(trainer, "datamodule", None), "train_sequences", None)
         if seqs is not None and seqs.num_tokens:
-            ids = torch.unique(seqs.ids, sorted=False)
-            # first occurrences in data order, deterministic
-            first = torch.full((int(seqs.ids.max()) + 1,), seqs.num_tokens, dtype=torch.long)
-            first.scatter_reduce_(0, seqs.ids, torch.arange(seqs.num_tokens), reduce="amin")
-            ids = ids[torch.argsort(first[ids])]
+            ids = seqs.first_occurrences(self.num_tokens)  # in data order, deterministic
         else:
             ids = torch.arange(pl_module.embedding.vocab_size)
         return ids[: self.num_tokens]
@@ -45,7 +46,7 @@ class CVFPDiagnostics(L.Callback):
         pl_module.eval()
         try:
             res = cvfp_diagnostics(pl_module.updater, pl_module.embedding, self._token_ids(trainer, pl_module),
-                                   self.max_iter, tol, self.power_iters)
+                                   self.max_iter, tol, self.power_iters, solver=self.solver)
         finally:
             pl_module.train(was_training)
         self.results = {f"diag/{k}": v for k, v in res.items()}

@@ -14,7 +14,7 @@ class ConvergenceEarlyStopping(EarlyStopping):
     """Stop when ``monitor >= threshold`` after at least ``min_iterations`` iterations.
 
     One iteration = one epoch (iteration 0, the sequential pass, is not counted), so the
-    earliest stop is after epoch ``min_iterations``. The seeds' values: 0.95 and 5.
+    earliest stop is after epoch ``min_iterations``. The seed documents' values: 0.95 and 5.
     ``patience`` (epochs without improvement) is off by default; set it to also stop a
     run that stalls.
 

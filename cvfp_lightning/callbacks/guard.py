@@ -16,8 +16,11 @@ class NonFiniteGuard(L.Callback):
     """Raise :class:`TrainingDiverged` naming the epoch, step and value that went non-finite.
 
     Checks every gradient right before each optimizer step (so a NaN never reaches the
-    weights), the loss returned by ``training_step``, and the epoch's ``train/*`` metrics
-    before any checkpoint of that epoch is written: the last good ``last.ckpt`` is kept.
+    weights), the loss returned by ``training_step``, and the epoch's ``train/*`` losses
+    (every logged metric whose name ends in ``loss``) before any checkpoint of that epoch is
+    written: the last good ``last.ckpt`` is kept. Quantities derived from a finite loss are
+    not judged: a perplexity ``exp(loss)`` beyond float32's range shows as inf, and that is
+    no fault.
     The CVFP CLI adds it to every run. For the operation that produced the NaN, run with
     ``--trainer.detect_anomaly true`` (PyTorch's anomaly mode, slow).
     """
@@ -42,5 +45,6 @@ class NonFiniteGuard(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for name, value in trainer.callback_metrics.items():
-            if name.startswith("train/") and isinstance(value, torch.Tensor) and not torch.isfinite(value).all():
+            if (name.startswith("train/") and name.endswith("loss") and isinstance(value, torch.Tensor)
+                    and not torch.isfinite(value).all()):
                 self._fail(trainer, f"{name} = {value.item()}")

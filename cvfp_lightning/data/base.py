@@ -1,17 +1,30 @@
-"""``TokenDataModule``: tokenise once, cache ids on disk, split, and batch for any module.
+"""``TokenDataModule``: tokenise once into a memory-mapped cache, split by views, batch for any module.
 
 Subclasses say where the text comes from (:meth:`load_texts`, :meth:`source_key`). The
 base class does the rest, the same way for every source:
 
-1. ``prepare_data`` (rank 0): texts -> ids with the tokenizer, through ``datasets.map``,
-   saved once to ``<cache_dir>/tokens/<key>.pt`` (key = sha256 of source, tokenizer and
-   options); later runs load that file (``torch.load(weights_only=True)``).
-2. ``setup``: split samples into train / validation (held-out tail by default, or the
-   seed's "validation is a subset of training"), then one stream (seeds) or per-sample
-   sequences. Exposes ``train_sequences`` / ``val_sequences`` (:class:`TokenSequences`).
-3. Dataloaders in the layout the LightningModule asks for with its ``data_layout``
-   attribute: ``position_chunks`` (in-order chunks, Phase 1), ``positions`` (shuffled
-   positions, Phase 2) or ``windows`` (``(B, T)`` windows, baselines).
+1. ``prepare_data`` (local rank 0): texts -> ids with the tokenizer, streamed batch by
+   batch from the ``datasets.Dataset`` into the token cache folder
+   ``<cache_dir>/tokens/<key>/`` (:mod:`cvfp_lightning.data.token_cache`: ``ids.bin``
+   uint16/uint32, sample offsets, UTF-8 bytes per sample; key = sha256 of source,
+   tokenizer and options). One folder per source: the main source, plus the separate
+   validation / test files a subclass may have (:meth:`extra_sources`).
+2. ``setup``: opens the caches (checked; a broken one is rebuilt with the reason in a
+   warning) and splits the samples into train / validation / test (:meth:`_split`),
+   then arranges each split as one stream (the seed documents') or per-sample sequences. Every split and
+   arrangement is a view of the memory-mapped ids with its own offsets. Exposes
+   ``train_sequences`` / ``val_sequences`` / ``test_sequences`` (:class:`TokenSequences`;
+   ``test_sequences`` is None without a test split) and :meth:`split`.
+3. Dataloaders in the layout the LightningModule names in the handshake
+   :meth:`TokenDataModule.connect` (called from its ``setup``): ``shard_chunks`` (each
+   rank's own positions in in-order chunks, Phase 1), ``position_chunks`` (in-order chunks
+   dealt over ranks), ``positions`` (shuffled positions, Phase 2) or ``windows``
+   (``(B, T)`` windows, baselines); the predict loader serves the prompts it passes.
+
+Memory per rank, N tokens in S samples: the ids are memory-mapped (0 B/token anonymous,
+2 or 4 B/token of shared page cache), offsets and byte counts 16 B per sample per split;
+loaders add what :mod:`cvfp_lightning.data.sequences` lists (at most 4 B/token, the
+shuffled order of Phase 2's positions).
 """
 
 from __future__ import annotations
@@ -27,16 +40,24 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from cvfp_lightning.data.prompts import prompt_loader
+from cvfp_lightning.data.shards import ShardChunks
 from cvfp_lightning.data.sequences import (PositionChunks, PositionCollate, PositionIndex, TokenSequences, Windows,
                                            shuffled_sampler)
+from cvfp_lightning.data.snapshot import SNAPSHOT_KEY, data_snapshot
+from cvfp_lightning.data.token_cache import META, TokenCacheWriter, read_token_cache
 from cvfp_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from cvfp_lightning.errors import CVFPUserError, check, check_fraction, check_positive
-from cvfp_lightning.io import atomic_torch_save, safe_torch_load
+from cvfp_lightning.progress import task
 
 log = logging.getLogger(__name__)
 
 SequenceMode = Literal["stream", "samples"]
-CACHE_VERSION = 1
+SplitName = Literal["train", "val", "test"]
+SPLITS = ("train", "val", "test")
+LAYOUTS = ("shard_chunks", "position_chunks", "positions", "windows")
+CACHE_VERSION = 2
+TOKENIZE_BATCH = 1000  # samples per tokenizer call while streaming into the cache
 
 
 def default_cache_dir() -> Path:
@@ -50,21 +71,31 @@ def quiet_datasets() -> None:
     datasets.disable_progress_bars()
 
 
+def held_out(count: int, fraction: float) -> int:
+    """Items held out for a fraction > 0 of ``count``: the rounded share, at least 1."""
+    return max(1, round(fraction * count)) if fraction > 0 else 0
+
+
 class TokenDataModule(L.LightningDataModule):
     """Base class of the text data modules.
 
     Args:
         tokenizer: HF hub name, local folder, or None for the bundled tokenizer.
-        sequences: ``stream`` (all samples concatenated into one sequence, the seeds'
+        sequences: ``stream`` (all samples concatenated into one sequence, the seed documents'
             layout) or ``samples`` (one sequence per sample; the context restarts at 0).
         num_samples: use only the first N samples (rows) of the source; None: all.
         train_samples: after the split, train on only the first N training samples while the
             validation samples stay the same (a fixed validation set across data sizes, as
             the scaling experiment needs); None: all.
-        val_fraction: share of samples held out for validation (the tail). With a single
-            sample the tail tokens are held out instead.
-        val_subset_of_train: the seed's option: validation is the tail of the training
-            data (not held out).
+        val_fraction: share of samples held out for validation. With a single sample the
+            tail tokens are held out instead. Ignored when the subclass reads validation
+            from its own files.
+        test_fraction: share of samples held out for the test split (0: no test split
+            unless the subclass reads test files; ``cvfp test`` then evaluates the
+            validation split). The main source is laid out ``[train | validation | test]``:
+            with ``test_fraction`` 0 the validation split is the tail, as before.
+        val_subset_of_train: the seed documents' option: validation is the tail of the training
+            data (not held out); a test split stays held out.
         max_seq_len: ``samples`` mode: split longer samples into pieces of this length.
         add_eos: append the tokenizer's EOS id to every sample (a separator in streams).
         chunk_size: positions per batch for position layouts.
@@ -74,11 +105,16 @@ class TokenDataModule(L.LightningDataModule):
         cache_dir: token cache folder; default ``$CVFP_CACHE_DIR`` or
             ``~/.cache/cvfp_lightning``.
         trust_remote_code: passed to the tokenizer loader; off by default.
+
+    Bytes (``num_bytes`` of each split, the denominator of bits per byte): the exact UTF-8
+    byte count of the text of the split's samples. When a single sample is split by tokens
+    (one document, or the seed's synthetic streams), each part gets the share of the
+    sample's bytes proportional to its tokens, rounded (train gets the remainder).
     """
 
     def __init__(self, tokenizer: str | None = None, sequences: SequenceMode = "stream",
                  num_samples: int | None = None, train_samples: int | None = None, val_fraction: float = 0.1,
-                 val_subset_of_train: bool = False,
+                 test_fraction: float = 0.0, val_subset_of_train: bool = False,
                  max_seq_len: int | None = None, add_eos: bool = True, chunk_size: int = 4096,
                  batch_size: int = 16, seq_len: int = 128, num_workers: int = 0, cache_dir: str | None = None,
                  trust_remote_code: bool = False):
@@ -90,6 +126,11 @@ class TokenDataModule(L.LightningDataModule):
         if train_samples is not None:
             check_positive("data.train_samples", train_samples)
         check_fraction("data.val_fraction", val_fraction, closed=False)
+        check(0.0 <= test_fraction < 1.0, f"data.test_fraction={test_fraction!r} is invalid: expected a value in "
+                                          "[0, 1) (0: no held-out test split).")
+        check(val_fraction + test_fraction < 1.0,
+              f"data.val_fraction={val_fraction!r} + data.test_fraction={test_fraction!r} leaves nothing to train "
+              "on: expected a sum below 1.")
         if max_seq_len is not None:
             check_positive("data.max_seq_len", max_seq_len)
         for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size), ("seq_len", seq_len)):
@@ -97,7 +138,7 @@ class TokenDataModule(L.LightningDataModule):
         check_positive("data.num_workers", num_workers, allow_zero=True)
         self.tokenizer_name = tokenizer
         self.sequences, self.num_samples, self.train_samples = sequences, num_samples, train_samples
-        self.val_fraction, self.val_subset_of_train = val_fraction, val_subset_of_train
+        self.val_fraction, self.test_fraction, self.val_subset_of_train = val_fraction, test_fraction, val_subset_of_train
         self.max_seq_len, self.add_eos = max_seq_len, add_eos
         self.chunk_size, self.batch_size, self.seq_len = chunk_size, batch_size, seq_len
         self.num_workers = num_workers
@@ -106,131 +147,200 @@ class TokenDataModule(L.LightningDataModule):
         self.vocab_size: int = len(self.tokenizer) if self.tokenizer is not None else 0
         self.train_sequences: TokenSequences | None = None
         self.val_sequences: TokenSequences | None = None
+        self.test_sequences: TokenSequences | None = None
+        self.layout = "position_chunks"  # set by connect()
+        self.prompts: list[str] = []
+
+    def connect(self, layout: str, prompts: list[str] | None = None) -> None:
+        """The handshake with the module (litgpt's ``DataModule.connect``), from its ``setup``.
+
+        Args:
+            layout: the batch layout it trains and evaluates on (:data:`LAYOUTS`).
+            prompts: the texts ``cvfp predict`` continues (the predict loader's items).
+        """
+        check(layout in LAYOUTS, f"data layout {layout!r} is unknown: expected one of {', '.join(LAYOUTS)}.")
+        self.layout = layout
+        self.prompts = list(prompts or [])
 
     # ---- hooks for subclasses -------------------------------------------------------
     def _load_tokenizer(self, name: str | None, trust_remote_code: bool):
         return load_tokenizer(name, trust_remote_code=trust_remote_code)
 
-    def load_texts(self):
-        """Return a ``datasets.Dataset`` with a ``text`` column (one row = one sample)."""
+    def load_texts(self, source: str = "main"):
+        """Return a ``datasets.Dataset`` with a ``text`` column (one row = one sample) of ``source``."""
         raise NotImplementedError
 
-    def source_key(self) -> dict:
-        """What identifies the source (paths and their hashes, dataset name, split...)."""
+    def source_key(self, source: str = "main") -> dict:
+        """What identifies ``source`` (paths and their hashes, dataset name, split...)."""
         raise NotImplementedError
+
+    def extra_sources(self) -> tuple[str, ...]:
+        """Splits read from their own source instead of held out of the main one: some of ``val``, ``test``."""
+        return ()
+
+    def describe(self, source: str = "main") -> str:
+        return type(self).__name__
 
     # ---- tokenisation and cache -----------------------------------------------------
-    def cache_key(self) -> str:
-        payload = {"version": CACHE_VERSION, "source": self.source_key(), "num_samples": self.num_samples,
-                   "add_eos": self.add_eos, "tokenizer": tokenizer_fingerprint(self.tokenizer)}
+    def cache_key(self, source: str | None = None) -> str:
+        """Key of ``source``'s token cache; with no source, of all the module's token data."""
+        if source is None:
+            extra = self.extra_sources()
+            if not extra:
+                return self.cache_key("main")
+            keys = {s: self.cache_key(s) for s in ("main", *extra)}
+            return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:32]
+        payload = {"version": CACHE_VERSION, "source": self.source_key(source), "add_eos": self.add_eos,
+                   "num_samples": self.num_samples if source == "main" else None,
+                   "tokenizer": tokenizer_fingerprint(self.tokenizer)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
-    def cache_path(self) -> Path:
-        return self.cache_dir / "tokens" / f"{self.cache_key()}.pt"
+    def cache_folder(self, source: str = "main") -> Path:
+        return self.cache_dir / "tokens" / self.cache_key(source)
 
-    def tokenize(self) -> dict:
-        """Tokenise the source: ``{"ids": (N,) int32, "lengths": (S,), "nbytes": (S,)}``."""
+    def cache_path(self, source: str = "main") -> Path:
+        """The cache's ``meta.json``: written last, its presence marks a complete cache."""
+        return self.cache_folder(source) / META
+
+    def tokenize(self, source: str = "main") -> Path:
+        """Tokenise ``source`` into its token cache folder, one batch of samples at a time.
+
+        The texts are read with ``Dataset.iter`` (Arrow, memory-mapped) and each batch's ids
+        go straight into ``ids.bin``: a ``Dataset.map`` would first write all ids again as
+        an Arrow column of int64 lists, and no list of all ids is ever held.
+        """
         quiet_datasets()
-        ds = self.load_texts()
-        check(len(ds) > 0, f"the data source {self.describe()} holds no text: give a non-empty source.")
-        if self.num_samples is not None:
+        ds = self.load_texts(source)
+        what = self.describe(source)
+        check(len(ds) > 0, f"the data source {what} holds no text: give a non-empty source.")
+        if source == "main" and self.num_samples is not None:
             check(len(ds) >= self.num_samples,
                   f"data.num_samples={self.num_samples} but the source has only {len(ds)} samples: lower it.")
             ds = ds.select(range(self.num_samples))
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
-
-        def encode(batch):
-            ids = tok(batch["text"], add_special_tokens=False)["input_ids"]
-            if self.add_eos and eos is not None:
-                ids = [x + [eos] for x in ids]
-            return {"ids": ids, "nbytes": [len(t.encode("utf-8")) for t in batch["text"]]}
-
-        log.info("tokenising %d samples of %s", len(ds), self.describe())
-        ds = ds.map(encode, batched=True, remove_columns=ds.column_names, load_from_cache_file=False,
-                    keep_in_memory=True)
-        seqs = [torch.tensor(x, dtype=torch.int32) for x in ds["ids"] if len(x)]
-        nbytes = [n for x, n in zip(ds["ids"], ds["nbytes"]) if len(x)]
-        check(len(seqs) > 0 and sum(len(s) for s in seqs) >= 2,
-              f"the data source {self.describe()} holds no text after tokenisation: give a non-empty source.")
-        return {"ids": torch.cat(seqs), "lengths": torch.tensor([len(s) for s in seqs]),
-                "nbytes": torch.tensor(nbytes, dtype=torch.long), "key": self.cache_key()}
-
-    def describe(self) -> str:
-        return type(self).__name__
+        log.info("tokenising %d samples of %s", len(ds), what)
+        with TokenCacheWriter(self.cache_folder(source), self.cache_key(source), self.vocab_size, what) as writer, \
+                task(f"tokenising {what}", total=len(ds), unit="samples") as bar:
+            for batch in ds.iter(batch_size=TOKENIZE_BATCH):
+                texts = batch["text"]
+                ids = tok(texts, add_special_tokens=False)["input_ids"]
+                if self.add_eos and eos is not None:
+                    ids = [x + [eos] for x in ids]
+                writer.add(ids, [len(t.encode("utf-8")) for t in texts])
+                bar.advance(len(texts))
+            check(writer.num_tokens >= 2,
+                  f"the data source {what} holds no text after tokenisation: give a non-empty source.")
+            folder = writer.commit()
+        log.info("tokenised %s into %s", what, folder)
+        return folder
 
     def prepare_data(self) -> None:
-        path = self.cache_path()
-        if path.exists():
-            return
-        atomic_torch_save(self.tokenize(), path)
-        log.info("tokenised %s into %s", self.describe(), path)
+        for source in ("main", *self.extra_sources()):
+            if not self.cache_path(source).exists():
+                self.tokenize(source)
 
-    def load_tokens(self) -> dict:
-        path = self.cache_path()
-        if path.exists():
+    def _open(self, source: str) -> TokenSequences:
+        """``source``'s samples from its cache (built or rebuilt here when missing or broken)."""
+        folder, key = self.cache_folder(source), self.cache_key(source)
+        if (folder / META).exists():
             try:
-                data = safe_torch_load(path)
-                if isinstance(data, dict) and data.get("key") == self.cache_key() and {"ids", "lengths", "nbytes"} <= set(data):
-                    return data
-                log.warning("token cache %s does not match its key; re-tokenising", path)
+                ids, offsets, nbytes = read_token_cache(folder, key)
+                return TokenSequences(ids, offsets, nbytes=nbytes)
             except CVFPUserError as exc:
                 log.warning("%s; re-tokenising", exc)
-        data = self.tokenize()
-        atomic_torch_save(data, path)
-        return data
+        self.tokenize(source)
+        ids, offsets, nbytes = read_token_cache(folder, key)
+        return TokenSequences(ids, offsets, nbytes=nbytes)
+
+    def load_tokens(self) -> TokenSequences | dict:
+        """The main source's samples (a subclass may return ``{"ids", "lengths", "nbytes"}`` tensors)."""
+        return self._open("main")
+
+    @staticmethod
+    def _as_samples(data: TokenSequences | dict) -> TokenSequences:
+        if isinstance(data, TokenSequences):
+            return data
+        lengths = torch.as_tensor(data["lengths"]).long()
+        offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long)
+        offsets[1:] = lengths.cumsum(0)
+        return TokenSequences(data["ids"], offsets, nbytes=data["nbytes"])
 
     # ---- split ------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.train_sequences is not None:
             return
-        data = self.load_tokens()
-        ids, lengths, nbytes = data["ids"].long(), data["lengths"].long(), data["nbytes"].long()
-        samples = list(torch.split(ids, lengths.tolist()))
-        train, val, train_bytes, val_bytes = self._split(samples, nbytes.tolist())
+        samples = self._as_samples(self.load_tokens())
+        extra = {source: self._open(source) for source in self.extra_sources()}
+        train, val, test = self._split(samples, extra.get("val"), extra.get("test"))
         if self.train_samples is not None:
-            check(self.train_samples <= len(train),
-                  f"data.train_samples={self.train_samples} but the source has only {len(train)} samples for "
-                  "training after the validation split: lower it.")
-            train_bytes = round(train_bytes * sum(len(t) for t in train[: self.train_samples])
-                                / max(1, sum(len(t) for t in train)))
-            train = train[: self.train_samples]
-        self.train_sequences = self._arrange(train, train_bytes)
-        self.val_sequences = self._arrange(val, val_bytes)
-        log.info("data: %d train tokens in %d sequences, %d val tokens in %d sequences",
+            check(self.train_samples <= train.num_sequences,
+                  f"data.train_samples={self.train_samples} but the source has only {train.num_sequences} samples "
+                  "for training after the validation split: lower it.")
+            train = train.select(0, self.train_samples)
+        self.train_sequences = self._arrange(train)
+        self.val_sequences = self._arrange(val)
+        self.test_sequences = self._arrange(test) if test is not None else None
+        log.info("data: %d train tokens in %d sequences, %d val tokens in %d sequences%s",
                  self.train_sequences.num_tokens, self.train_sequences.num_sequences,
-                 self.val_sequences.num_tokens, self.val_sequences.num_sequences)
+                 self.val_sequences.num_tokens, self.val_sequences.num_sequences,
+                 f", {self.test_sequences.num_tokens} test tokens" if self.test_sequences is not None else "")
 
-    def _split(self, samples, nbytes):
-        S = len(samples)
-        if S >= 2:
-            k = max(1, round(self.val_fraction * S))
-            k = min(k, S - 1)
-            val, val_bytes = samples[S - k:], sum(nbytes[S - k:])
-            if self.val_subset_of_train:
-                return samples, val, sum(nbytes), val_bytes
-            return samples[: S - k], val, sum(nbytes[: S - k]), val_bytes
-        only = samples[0]
-        cut = len(only) - max(1, round(self.val_fraction * len(only)))
-        check(cut >= 2, f"{self.describe()} has only {len(only)} tokens: too few to split off validation.")
-        share = (len(only) - cut) / len(only)
-        val_bytes = round(nbytes[0] * share)
+    def _split(self, samples: TokenSequences, val: TokenSequences | None = None,
+               test: TokenSequences | None = None) -> tuple[TokenSequences, TokenSequences, TokenSequences | None]:
+        """``(train, val, test or None)`` samples, views of ``samples`` (and of the separate sources).
+
+        The main source is ``[train | val | test]``: the held-out tail shares, validation
+        first; ``val`` / ``test`` given as their own sources are taken whole instead.
+        """
+        S = samples.num_sequences
+        if S == 1:
+            return self._split_tokens(samples, val, test)
+        k_val = 0 if val is not None else min(held_out(S, self.val_fraction), S - 1)
+        k_test = 0 if test is not None else held_out(S, self.test_fraction)
+        check(S - k_val - k_test >= 1,
+              f"{self.describe()} has only {S} samples: too few to hold out {k_val} for validation and {k_test} "
+              "for the test split; lower data.val_fraction / data.test_fraction or give more samples.")
+        body, end = S - k_test, S
+        if test is None and k_test:
+            test = samples.select(body, end)
         if self.val_subset_of_train:
-            return [only], [only[cut:]], nbytes[0], val_bytes
-        return [only[:cut]], [only[cut:]], nbytes[0] - val_bytes, val_bytes
+            train = samples.select(0, body)
+            return train, train.select(max(0, body - k_val), body), test
+        if val is None:
+            val = samples.select(body - k_val, body)
+        return samples.select(0, body - k_val), val, test
 
-    def _arrange(self, samples, num_bytes) -> TokenSequences:
-        seqs = TokenSequences.from_lists(samples, num_bytes)
+    def _split_tokens(self, only: TokenSequences, val: TokenSequences | None, test: TokenSequences | None):
+        """A single sample split by tokens: ``[train | val | test]`` tails, bytes shared by tokens."""
+        n, nb = only.num_tokens, only.num_bytes
+        n_val = 0 if val is not None else held_out(n, self.val_fraction)
+        n_test = 0 if test is not None else held_out(n, self.test_fraction)
+        cut = n - n_val - n_test
+        check(cut >= 2, f"{self.describe()} has only {n} tokens: too few to split off validation"
+                        f"{' and test' if n_test else ''}.")
+        val_bytes, test_bytes = round(nb * n_val / n), round(nb * n_test / n)
+        if test is None and n_test:
+            test = only.token_range(n - n_test, n, test_bytes)
+        if val is None:
+            val = only.token_range(cut, cut + n_val, val_bytes)
+        if self.val_subset_of_train:
+            return only.token_range(0, n - n_test, nb - test_bytes), val, test
+        return only.token_range(0, cut, nb - val_bytes - test_bytes), val, test
+
+    def _arrange(self, samples: TokenSequences) -> TokenSequences:
         if self.sequences == "stream":
-            return seqs.as_stream()
-        return seqs.split_long(self.max_seq_len) if self.max_seq_len else seqs
+            return samples.as_stream()
+        return samples.split_long(self.max_seq_len) if self.max_seq_len else samples
+
+    def split(self, name: SplitName) -> TokenSequences | None:
+        """The ``train``, ``val`` or ``test`` sequences (after :meth:`setup`; ``test`` may be None)."""
+        check(name in SPLITS, f"split {name!r} is unknown: expected one of {', '.join(SPLITS)}.")
+        self.setup()
+        return getattr(self, f"{name}_sequences")
 
     # ---- dataloaders ------------------------------------------------------------------
-    def _layout(self) -> str:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return getattr(module, "data_layout", "position_chunks")
-
     def _loader(self, seqs: TokenSequences, train: bool) -> DataLoader:
-        """The loader for the module's ``data_layout``.
+        """The loader for the connected ``layout``.
 
         Every loader is padded with empty batches / windows / positions (no targets) to a
         multiple of the DDP world size instead of the DistributedSampler's duplicates, so
@@ -239,8 +349,12 @@ class TokenDataModule(L.LightningDataModule):
         (:func:`~cvfp_lightning.data.sequences.shuffled_sampler`): W ranks with
         ``chunk_size`` / ``batch_size`` B train on the global batches of one process with W*B.
         """
-        layout = self._layout()
+        layout = self.layout
         world = self.trainer.world_size if self.trainer is not None else 1
+        if layout == "shard_chunks":  # Phase 1: each rank its own positions, in order
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            return DataLoader(ShardChunks(seqs, self.chunk_size, rank, world), batch_size=None,
+                              num_workers=self.num_workers)
         if layout == "position_chunks" or (layout == "positions" and not train):
             return DataLoader(PositionChunks(seqs, self.chunk_size, world), batch_size=None, shuffle=False,
                               num_workers=self.num_workers)
@@ -253,7 +367,7 @@ class TokenDataModule(L.LightningDataModule):
             windows = Windows(seqs, self.seq_len, pad_to_multiple=world)
             return DataLoader(windows, batch_size=self.batch_size, num_workers=self.num_workers,
                               sampler=shuffled_sampler(windows.num_real, len(windows), self.trainer) if train else None)
-        raise ValueError(f"unknown data_layout {layout!r}")
+        raise ValueError(f"unknown layout {layout!r}")
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -264,17 +378,21 @@ class TokenDataModule(L.LightningDataModule):
         return self._loader(self.val_sequences, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        """The test split; without one (``test_fraction`` 0, no test files) the validation split."""
+        self.setup()
+        if self.test_sequences is None:
+            log.info("no test split (data.test_fraction is 0 and no test files): testing on the validation split")
+            return self.val_dataloader()
+        return self._loader(self.test_sequences, train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if hasattr(module, "prompt_dataloader"):  # generation: the module's prompts, encoded with our tokenizer
-            return module.prompt_dataloader(self.tokenizer)
-        return self.val_dataloader()
+        """The connected prompts, encoded with this data's tokenizer (generation)."""
+        return prompt_loader(self.prompts, self.tokenizer)
 
     def state_dict(self) -> dict:
-        """What the data was, so a resumed run can check it trains on the same tokens."""
-        return {"cache_key": self.cache_key(), "vocab_size": self.vocab_size}
+        """What the data was, so a resumed run can check it trains on the same tokens, and the
+        tokenizer and arrangement an exported model needs (:mod:`cvfp_lightning.data.snapshot`)."""
+        return {"cache_key": self.cache_key(), "vocab_size": self.vocab_size, SNAPSHOT_KEY: data_snapshot(self)}
 
     def load_state_dict(self, state: dict) -> None:
         key = state.get("cache_key")

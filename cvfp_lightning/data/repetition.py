@@ -1,4 +1,4 @@
-"""Repeated-phrase data for repetition CVFP training (seed: repetition-training).
+"""Repeated-phrase data for repetition CVFP training (seed document: repetition-training).
 
 A phrase is tokenised once into its *unit* ``u`` (``L = len(u)`` ids, the cycle length as
 the tokenizer sees it, not the word count) and repeated: ``ids = (u * repetitions)[:max_length]``.
@@ -31,7 +31,7 @@ from cvfp_lightning.errors import check, check_positive
 
 log = logging.getLogger(__name__)
 
-# Ten phrases of five words in the seed's "red" / "red apple" / "red apple tree" style:
+# Ten phrases of five words in the research script's "red" / "red apple" / "red apple tree" style:
 # stage s uses the first s words of each.
 DEFAULT_PHRASES = [
     "red apple tree falls down",
@@ -89,7 +89,7 @@ class RepeatedIdsDataModule(L.LightningDataModule):
         super().__init__()
         check(isinstance(repetitions, int) and repetitions >= 2,
               f"data.repetitions={repetitions!r} is invalid: expected an integer >= 2 (a phrase must repeat at "
-              "least twice for ctx[t] to be compared with ctx[t - L]); the seed used 30-100.")
+              "least twice for ctx[t] to be compared with ctx[t - L]); the research script used 30-100.")
         check(isinstance(max_length, int) and max_length >= 2,
               f"data.max_length={max_length!r} is invalid: expected an integer >= 2.")
         check_positive("data.batch_size", batch_size)
@@ -129,7 +129,7 @@ class RepeatedIdsDataModule(L.LightningDataModule):
 class RepeatedPhraseDataModule(RepeatedIdsDataModule):
     """Staged repetition data: stage s = the first s words of every vocabulary phrase.
 
-    Seed CLI parameters map to ``max_stage``, ``epochs_per_stage``, ``repetitions``,
+    The research script's CLI parameters map to ``max_stage``, ``epochs_per_stage``, ``repetitions``,
     ``batch_size`` and ``max_length`` here. The stage of an epoch is
     ``min(max_stage, 1 + epoch // epochs_per_stage)``; the dataloader is rebuilt every
     epoch, so the Trainer needs ``reload_dataloaders_every_n_epochs: 1`` when

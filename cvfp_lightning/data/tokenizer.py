@@ -1,7 +1,8 @@
 """The one tokenizer loader: a HF hub name, a local folder, or the bundled tokenizer.
 
 The bundled tokenizer is a byte-level BPE (4096 ids) trained on the bundled corpus by
-``scripts/make_bundled_data.py`` and shipped in ``data/tokenizer``.
+``scripts/make_bundled_data.py`` and shipped as package data in
+``cvfp_lightning/data/bundled/tokenizer``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from cvfp_lightning.errors import CVFPUserError
 BUNDLED = "bundled"
 
 
+PACKAGE_DATA = Path(__file__).resolve().parent / "bundled"
+
+
 def bundled_data_dir() -> Path:
-    """The repository's ``data/`` folder (override with ``CVFP_DATA_DIR``)."""
+    """The bundled corpus and tokenizer: the package's ``data/bundled`` (override with ``CVFP_DATA_DIR``)."""
     env = os.environ.get("CVFP_DATA_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "data"
+    path = Path(env) if env else PACKAGE_DATA
     if not (path / "tokenizer").is_dir():
-        raise CVFPUserError(f"bundled data not found in {path}: install cvfp_lightning from its repository "
-                            "(pip install -e .) or set CVFP_DATA_DIR to a folder with tokenizer/ and pydoc_topics.txt.")
+        raise CVFPUserError(f"bundled data not found in {path}: reinstall cvfp_lightning (its wheel ships "
+                            "data/bundled), or set CVFP_DATA_DIR to a folder with tokenizer/ and pydoc_topics.txt.")
     return path
 
 

@@ -1,13 +1,14 @@
-"""Top-K token data for the CVFPT evaluation (seed: topk-evaluation).
+"""Top-K token data for the CVFPT evaluation (seed document: topk-evaluation).
 
 Token k (k = 0..K-1) is one id ``t_k`` (ids ``start_id .. start_id + K - 1`` of the
-tokenizer, the seed's "top K" of GPT-2, or an explicit list) repeated ``repetitions``
+tokenizer, the research script's "top K" of GPT-2, or an explicit list) repeated ``repetitions``
 times: one sequence ``[t_k] * R`` with cycle length 1. A batch is that one sequence (the
-seed's layout, where ``--batch-size`` had no effect because each token's data set holds a
+research script's layout, where ``--batch-size`` had no effect because each token's data set holds a
 single sequence). Batches use the layout of :func:`~cvfp_lightning.data.repetition.collate_repeated`.
 
-Two schedules (``schedule``) fix the order of batches; ``E = trainer.max_epochs`` is the
-seed's ``--epochs`` (batches per token) in both:
+Two schedules fix the order of batches; the module names its schedule through
+:meth:`TopKRoundRobinDataModule.connect` (``TopKRoundRobin`` / ``TopKSequential``), and
+``E = trainer.max_epochs`` is the research script's ``--epochs`` (batches per token) in both:
 
 ``round_robin`` (fair): every epoch yields tokens 0, 1, ..., K-1, one batch each; one
     shared model is trained on all of them in turn.
@@ -36,16 +37,17 @@ class TopKRoundRobinDataModule(RepeatedIdsDataModule):
         top_k: K, the number of tokens (ids ``start_id .. start_id + K - 1``).
         token_ids: an explicit list of ids instead (``top_k`` and ``start_id`` are then unused).
         start_id: first id of the range.
-        schedule: ``round_robin`` or ``sequential`` (see the module docstring).
-        repetitions: times each token is repeated (the seed used 30-50).
+        schedule: ``round_robin`` or ``sequential`` (see the module docstring); null (default):
+            the schedule of the module, set by :meth:`connect`; a value must agree with it.
+        repetitions: times each token is repeated (the research script used 30-50).
         tokenizer, max_length, num_workers, trust_remote_code: see
             :class:`~cvfp_lightning.data.repetition.RepeatedIdsDataModule`.
     """
 
     def __init__(self, top_k: int = 20, token_ids: list[int] | None = None, start_id: int = 0,
-                 schedule: Schedule = "round_robin", repetitions: int = 30, max_length: int = 512,
+                 schedule: Schedule | None = None, repetitions: int = 30, max_length: int = 512,
                  tokenizer: str | None = None, num_workers: int = 0, trust_remote_code: bool = False):
-        check(schedule in SCHEDULES,
+        check(schedule is None or schedule in SCHEDULES,
               f"data.schedule={schedule!r} is unknown: expected round_robin (fair) or sequential (biased).")
         super().__init__(tokenizer=tokenizer, repetitions=repetitions, max_length=max_length, batch_size=1,
                          num_workers=num_workers, trust_remote_code=trust_remote_code)
@@ -71,6 +73,13 @@ class TopKRoundRobinDataModule(RepeatedIdsDataModule):
         self.token_texts = [self.tokenizer.decode([t]) for t in token_ids]
         self.items = [self.make_item([t], k, what=f"token {t}") for k, t in enumerate(token_ids)]
 
+    def connect(self, schedule: str) -> None:
+        """The handshake with the module: the schedule it trains decides the batch order."""
+        check(self.schedule in (None, schedule),
+              f"data.schedule={self.schedule!r} but the model trains the {schedule} schedule: drop data.schedule "
+              "(the model's class names its schedule: TopKRoundRobin or TopKSequential).")
+        self.schedule = schedule
+
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
@@ -81,17 +90,17 @@ class TopKRoundRobinDataModule(RepeatedIdsDataModule):
 
     def batch_order(self, epochs: int) -> list[int]:
         """Token index of each batch of one epoch: ``0..K-1`` (round_robin) or each k ``epochs`` times in turn."""
-        if self.schedule == "round_robin":
+        if self.schedule != "sequential":
             return list(range(self.num_tokens))
         return [k for k in range(self.num_tokens) for _ in range(epochs)]
 
     def _epochs(self) -> int:
-        if self.schedule == "round_robin":
+        if self.schedule != "sequential":
             return 1
         epochs = self.trainer.max_epochs if self.trainer is not None else 1
         check(epochs is not None and epochs >= 1,
               f"data.schedule=sequential trains each token for trainer.max_epochs epochs, but max_epochs={epochs}: "
-              "set trainer.max_epochs to the epochs per token (the seed used 3).")
+              "set trainer.max_epochs to the epochs per token (the research script used 3).")
         return epochs
 
     def train_dataloader(self) -> DataLoader:

@@ -40,9 +40,12 @@ class RecurrentLM(nn.Module):
                        dropout=dropout if num_layers > 1 else 0.0)
         self.head = nn.Linear(hidden_dim, vocab_size)
 
-    def forward(self, ids: Tensor) -> Tensor:
-        h, _ = self.rnn(self.embed(ids))  # (B, T, d)
-        return self.head(h)  # (B, T, V)
+    def forward(self, ids: Tensor, state=None, return_state: bool = False):
+        """``ids (B, T) -> logits (B, T, V)``; with ``return_state`` also the recurrent state after
+        ``ids`` (``h (L, B, d)``, for an LSTM ``(h, c)``), which ``state`` continues from (generation)."""
+        h, state = self.rnn(self.embed(ids), state)  # (B, T, d)
+        logits = self.head(h)  # (B, T, V)
+        return (logits, state) if return_state else logits
 
 
 class TransformerLM(nn.Module):

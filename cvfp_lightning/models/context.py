@@ -12,7 +12,7 @@ iteration with ``(N, D)`` for all N positions at once.
 
 Updaters (``ContextConfig.updater``):
 
-``residual`` (the 2025-11-29 default). Per layer
+``residual`` (the research code's default). Per layer
     ``x_{l+1} = LN(r(x_l) + ReLU(W_l [x_l; e] + b_l))`` when ``token_input_all_layers``
     (all layers ``context_dim`` wide, ``r`` the identity), otherwise only layer 0 sees the
     token: ``x_0 = [c; e]``, ``x_{l+1} = LN(r_l(x_l) + ReLU(W_l x_l + b_l))`` with widths

@@ -25,7 +25,11 @@ class EmbeddingConfig(ConfigMixin):
             ``save_pretrained``; its input embedding matrix initialises ours.
         freeze: keep the embedding fixed during training.
         layer_norm: LayerNorm (no affine) on the looked-up vectors.
-        init_std: std of the normal init of a learned embedding.
+        init_std: std of the normal init of a learned embedding: N(0, 0.02), the research code's
+            stand-in for GPT-2's ``wte``. The context block reads ``LN(E[ids])``, so the scale
+            matters only where the raw matrix is used: a head tied to it starts with logits of
+            std ``init_std * sqrt(E)`` (0.55 at E = 768; with N(0, 1) they were 28 and the first
+            loss 410 nats), and a trained embedding's Adam steps are relative to it.
         trust_remote_code: passed to ``AutoModel.from_pretrained``; off unless you set it.
     """
 
@@ -34,7 +38,7 @@ class EmbeddingConfig(ConfigMixin):
     pretrained: str | None = None
     freeze: bool = True
     layer_norm: bool = True
-    init_std: float = 1.0
+    init_std: float = 0.02
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -64,7 +68,7 @@ class TokenEmbedding(nn.Module):
     """``ids (...,) -> LN(E[ids]) (..., embed_dim)``."""
 
     def __init__(self, vocab_size: int, embed_dim: int, *, freeze: bool = True, layer_norm: bool = True,
-                 init_std: float = 1.0, weight: Tensor | None = None):
+                 init_std: float = 0.02, weight: Tensor | None = None):
         super().__init__()
         check_positive("vocab_size", vocab_size)
         self.vocab_size, self.embed_dim = vocab_size, embed_dim

@@ -1,6 +1,6 @@
 """Load checkpoints written before :class:`~cvfp_lightning.models.layers.ConcatLinear`.
 
-Up to the 2026-11-23 release every Linear over a concatenation was one ``nn.Linear`` whose
+Before ``ConcatLinear``, every Linear over a concatenation was one ``nn.Linear`` whose
 weight covered ``[x; e]`` (or ``[e; x]``); it is now two blocks, ``state`` (``W_x``) and
 ``input`` (``W_e`` and the bias), the same function. Each block class lists its renames in
 ``legacy_renames()`` (old submodule name -> new name and, for a ``ConcatLinear``, which

@@ -25,7 +25,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from cvfp_lightning.errors import check, check_positive
+from cvfp_lightning.errors import check
+from cvfp_lightning.generation import decode
 from cvfp_lightning.models.context import ContextUpdater
 from cvfp_lightning.models.embedding import TokenEmbedding
 from cvfp_lightning.models.token import TokenBlock
@@ -73,9 +74,13 @@ class CVFPLanguageModel(nn.Module):
         """Trainable parameters, a tied weight counted once."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def context_modules(self) -> tuple[TokenEmbedding, ContextUpdater]:
+        """The modules the contexts depend on: the embedding the context block reads, and the block."""
+        return (self.embedding if self.context_embedding is None else self.context_embedding), self.updater
+
     def context_embed(self, ids: Tensor) -> Tensor:
         """The embedding the context block reads: ``(...,) -> (..., E)``."""
-        return (self.embedding if self.context_embedding is None else self.context_embedding)(ids)
+        return self.context_modules()[0](ids)
 
     def logits(self, context_layers: list[Tensor], token_embed: Tensor) -> Tensor:
         """``[(..., d_l)] x L, (..., E) -> (..., V)``."""
@@ -87,37 +92,27 @@ class CVFPLanguageModel(nn.Module):
                                                                    return_all_layers=True)
         return new_context, self.logits(layers, self.embedding(ids))
 
+    def read(self, context: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Read ``ids (B, t)`` token by token from ``context (B, D)`` with :meth:`step`:
+        ``-> (context after the last id (B, D), logits of the last id (B, V))``."""
+        logits = None
+        for t in range(ids.shape[1]):
+            context, logits = self.step(context, ids[:, t])
+        return context, logits
+
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 greedy: bool = False, generator: torch.Generator | None = None) -> Tensor:
+                 greedy: bool = False, generator: torch.Generator | None = None, top_p: float | None = None,
+                 seed: int | None = None) -> Tensor:
         """Continue ``prompt_ids (T,)`` by ``max_new_tokens`` ids, ``-> (max_new_tokens,)``.
 
         The context is carried token by token with the update rule of training, from
-        ``c = 0`` through the prompt and then through every generated token. Next id:
-        ``argmax`` with ``greedy``; otherwise a sample of ``softmax(logits / temperature)``
-        restricted to the ``top_k`` most likely ids when ``top_k`` is set.
+        ``c = 0`` through the prompt and then through every generated token (:meth:`read`);
+        the next id is chosen by :func:`cvfp_lightning.generation.decode` (``greedy``, or
+        temperature / top-k / top-p sampling with ``generator`` or ``seed``).
         """
-        check(prompt_ids.numel() > 0, "the prompt is empty: give at least one token of text.")
-        check_positive("temperature", temperature)
-        check(top_k is None or top_k > 0, f"top_k={top_k!r} is invalid: expected a positive integer or null.")
         device = self.embedding.weight.device
         context = torch.zeros(1, self.updater.context_dim, device=device)
-        logits = None
-        for token in prompt_ids.reshape(-1).tolist():
-            context, logits = self.step(context, torch.tensor([token], device=device))
-        out = []
-        for _ in range(max_new_tokens):
-            scores = logits[0].float()
-            if greedy:
-                nxt = int(scores.argmax())
-            else:
-                scores = scores / temperature
-                if top_k is not None and top_k < scores.numel():
-                    kth = torch.topk(scores, top_k).values[-1]
-                    scores = scores.masked_fill(scores < kth, float("-inf"))
-                probs = torch.softmax(scores, dim=-1)
-                nxt = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-            out.append(nxt)
-            if len(out) < max_new_tokens:
-                context, logits = self.step(context, torch.tensor([nxt], device=device))
-        return torch.tensor(out, dtype=torch.long)
+        return decode(lambda c, ids: self.read(c, ids.to(device)), context, prompt_ids, max_new_tokens,
+                      greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                      generator=generator)

@@ -11,20 +11,19 @@ One objective, one set of metrics, so CVFP and the baselines are compared on equ
   ``train/loss`` per step, ``train/ppl``, ``train/acc`` and ``train/tokens`` per epoch;
   ``time/epoch_s``;
 - Adam (``lr``) on the trainable parameters, gradient norm clipped to ``grad_clip``;
-- the best weights: when fit ends the weights of the best checkpoint (the
-  ``ModelCheckpoint`` monitor, ``val/loss`` in the shipped configs) are loaded back, and
-  ``summary.json`` in the log folder records the metrics of that epoch;
+- the best weights and ``summary.json``: :class:`~cvfp_lightning.callbacks.RunSummary`
+  (added by ``cvfp`` to every next-token model) reads :meth:`num_trainable_parameters` and
+  :meth:`summary_extra`;
 - ``cvfp test`` / ``predict`` / ``validate`` need trained weights: ``--ckpt_path
   <run>/checkpoints/best.ckpt``; without one they stop with a clear error.
 
-Subclasses set ``data_layout`` and implement :meth:`logits_targets`.
+Subclasses set ``data_layout`` (the batch layout they ask for in the data handshake,
+:meth:`NextTokenModule.data_request`) and implement :meth:`logits_targets`.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -32,10 +31,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from cvfp_lightning.errors import CVFPUserError
-from cvfp_lightning.io import atomic_write_json, safe_torch_load
 from cvfp_lightning.metrics import NextTokenMetric, next_token_stats, private_metric_states
 from cvfp_lightning.models.legacy import upgrade_checkpoint
-from cvfp_lightning.optim import configure_adam
+from cvfp_lightning.optim import clip_gradients, configure_adam
 
 SPLIT_OUTPUTS = {"train": ("ppl", "acc", "tokens"), "val": NextTokenMetric.OUTPUTS, "test": NextTokenMetric.OUTPUTS}
 
@@ -53,9 +51,6 @@ class NextTokenModule(L.LightningModule):
         self.train_lm = nn.ModuleDict({o: NextTokenMetric(o) for o in SPLIT_OUTPUTS["train"]})
         self.val_lm = nn.ModuleDict({o: NextTokenMetric(o) for o in SPLIT_OUTPUTS["val"]})
         self.test_lm = nn.ModuleDict({o: NextTokenMetric(o) for o in SPLIT_OUTPUTS["test"]})
-        self.history: list[dict[str, float]] = []
-        self.epoch_seconds: list[float] = []
-        self.summary: dict = {}
         self._epoch_start = 0.0
         self._has_weights = False  # trained in this process or loaded from a checkpoint
 
@@ -65,7 +60,7 @@ class NextTokenModule(L.LightningModule):
         raise NotImplementedError
 
     def summary_extra(self) -> dict:
-        """More entries for ``summary.json``."""
+        """More entries for ``summary.json`` (:class:`~cvfp_lightning.callbacks.RunSummary`)."""
         return {}
 
     def num_trainable_parameters(self) -> int:
@@ -73,8 +68,10 @@ class NextTokenModule(L.LightningModule):
 
     # ---- steps -----------------------------------------------------------------------------
     def _num_bytes(self, split: str) -> int:
-        seqs = getattr(getattr(self.trainer, "datamodule", None), f"{'train' if split == 'train' else 'val'}_sequences",
-                       None)
+        dm = getattr(self.trainer, "datamodule", None)
+        seqs = getattr(dm, f"{split}_sequences", None)
+        if split == "test" and seqs is None:  # no test split: the data module tests on the validation split
+            seqs = getattr(dm, "val_sequences", None)
         return int(getattr(seqs, "num_bytes", 0) or 0)
 
     def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
@@ -113,19 +110,23 @@ class NextTokenModule(L.LightningModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
 
+    def data_request(self) -> dict:
+        """What this module asks of the data module (:meth:`TokenDataModule.connect`)."""
+        return {"layout": self.data_layout}
+
+    def setup(self, stage: str) -> None:
+        private_metric_states(self)
+        connect = getattr(getattr(self._trainer, "datamodule", None), "connect", None)
+        if connect is not None:
+            connect(**self.data_request())
+
     def configure_optimizers(self):
         return configure_adam(self)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
-        if clip and clip > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=clip,
-                                gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- hooks -------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        private_metric_states(self)
-
     def on_train_start(self) -> None:
         rank_zero_info(f"{type(self).__name__}: {self.num_trainable_parameters():,} trainable parameters")
 
@@ -134,22 +135,12 @@ class NextTokenModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         seconds = time.perf_counter() - self._epoch_start  # training and the epoch's validation
-        self.epoch_seconds.append(seconds)
         self.log("time/epoch_s", seconds, on_step=False, on_epoch=True)
 
     def on_validation_epoch_start(self) -> None:
         self.val_lm["bpb"].num_bytes = self._num_bytes("val")
         if self.trainer.state.fn == "validate":
             self._require_weights("validate")
-
-    def on_validation_end(self) -> None:
-        if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
-            return
-        record = {"epoch": int(self.current_epoch)}
-        for key, value in self.trainer.callback_metrics.items():
-            if key.startswith("val/"):
-                record[key] = float(value)
-        self.history.append(record)
 
     def on_test_epoch_start(self) -> None:
         self.test_lm["bpb"].num_bytes = self._num_bytes("test")
@@ -169,39 +160,3 @@ class NextTokenModule(L.LightningModule):
 
     def on_fit_end(self) -> None:
         self._has_weights = True
-        best_path, best_epoch = self._restore_best()
-        self.summary = self._summary(best_path, best_epoch)
-        log_dir = self.trainer.log_dir if self.trainer.loggers and not self.trainer.fast_dev_run else None
-        if self.trainer.is_global_zero and log_dir:
-            atomic_write_json(self.summary, Path(log_dir) / "summary.json")
-            shown = {k: round(v, 4) for k, v in self.summary.items()
-                     if k.startswith("val/") and isinstance(v, float)}
-            rank_zero_info(f"{type(self).__name__}: best epoch {best_epoch}: {shown} "
-                           f"(summary: {Path(log_dir) / 'summary.json'})")
-
-    def _restore_best(self) -> tuple[str | None, int | None]:
-        """Load the best checkpoint's weights back into the module (all ranks)."""
-        ckpt = self.trainer.checkpoint_callback
-        monitor = getattr(ckpt, "monitor", None)
-        path = getattr(ckpt, "best_model_path", "") if monitor else ""
-        if path and Path(path).is_file():
-            state = safe_torch_load(path)
-            self.load_state_dict(state["state_dict"])
-            rank_zero_info(f"{type(self).__name__}: restored the best weights ({monitor} = "
-                           f"{float(ckpt.best_model_score):.4f}) from {path}")
-            return path, int(state.get("epoch", -1))
-        if self.history:  # no monitored checkpoint: the best epoch is still reported
-            return None, min(self.history, key=lambda r: r.get("val/loss", float("inf")))["epoch"]
-        return None, None
-
-    def _summary(self, best_path: str | None, best_epoch: int | None) -> dict:
-        best = next((r for r in self.history if r["epoch"] == best_epoch), {})
-        dm = getattr(self.trainer, "datamodule", None)
-        out = {"model": type(self).__name__, "best_epoch": best_epoch, "best_model_path": best_path,
-               "epochs_run": len(self.epoch_seconds), "trainable_params": self.num_trainable_parameters(),
-               "median_epoch_s": statistics.median(self.epoch_seconds) if self.epoch_seconds else None,
-               "train_tokens": getattr(getattr(dm, "train_sequences", None), "num_tokens", None),
-               "val_tokens": getattr(getattr(dm, "val_sequences", None), "num_tokens", None)}
-        out.update({k: v for k, v in best.items() if k != "epoch"})
-        out.update(self.summary_extra())
-        return out

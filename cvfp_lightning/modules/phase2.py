@@ -8,15 +8,19 @@ context block and trains a token block and a head
     t_0 = e_i,   t_l = LN(t_{l-1} + ReLU(W_l [c_il; t_{l-1}] + b_l)),   logits_i = head(t_L)
 
 with ``c_il`` the output of context layer l after reading token i, and cross-entropy
-against id i+1. Since the context block is frozen, every position's contexts are fixed:
-they come from the context cache (:mod:`cvfp_lightning.cache`: "cache hit") or one
-sequential pass, and training draws shuffled batches of positions (``data_layout =
+against id i+1. Since the context block is frozen, every position's contexts are fixed: the
+final context of every position comes from the context cache
+(:mod:`cvfp_lightning.context_cache`: "cache hit", memory-mapped) or one sequential pass,
+the per-layer outputs of a batch are recomputed from the final context of the position
+before (``c_il`` depends only on ``c_{i-1}`` and ``e_i``: one forward of the frozen block
+per position and epoch), and training draws shuffled batches of positions (``data_layout =
 "positions"``, batch size ``data.chunk_size``).
 
 Metrics, optimiser and best-weight handling: :class:`~cvfp_lightning.modules.lm_base.NextTokenModule`.
-Generation (``cvfp predict``): every prompt is read token by token with the update rule
-of training, then ``max_new_tokens`` ids are generated (greedy, or temperature and
-top-k sampling); the continuations are printed and written to
+Generation (``cvfp predict``): every prompt (served by the data module, which receives
+them through ``connect``) is read token by token with the update rule of training, then
+``max_new_tokens`` ids are generated (greedy, or temperature, top-k and top-p sampling,
+:mod:`cvfp_lightning.generation`); :class:`~cvfp_lightning.callbacks.GenerationWriter` prints the continuations and writes
 ``generations.jsonl`` in the run's log folder.
 
 Only training options are saved as hyperparameters; where the Phase 1 checkpoint lies,
@@ -26,7 +30,6 @@ the cache settings and the generation options may change between fit, test and p
 from __future__ import annotations
 
 import glob
-import json
 import os
 import time
 from pathlib import Path
@@ -35,19 +38,19 @@ from typing import Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from cvfp_lightning.cache import (
-    CACHE_FILENAME,
+from cvfp_lightning.context_cache import (
+    CACHE_DIRNAME,
     CACHE_MODES,
-    cache_components,
-    compute_context_cache,
-    contexts_config,
-    resolve_context_cache,
+    ContextSource,
+    resolve_contexts,
+    state_digest,
     weights_digest,
 )
+from cvfp_lightning.data.prompts import read_prompts
 from cvfp_lightning.errors import CVFPUserError, check, check_positive
-from cvfp_lightning.io import atomic_write_text, safe_torch_load
+from cvfp_lightning.generation import check_sampling
+from cvfp_lightning.io import safe_torch_load
 from cvfp_lightning.models.context import build_context_updater
 from cvfp_lightning.models.embedding import build_embedding
 from cvfp_lightning.models.legacy import upgrade_legacy_state_dict
@@ -55,9 +58,6 @@ from cvfp_lightning.models.lm import CVFPLanguageModel
 from cvfp_lightning.modules.lm_base import NextTokenModule
 
 STATE_KEY = "cvfp_phase2"
-SPLIT_OF = {"train": "train", "val": "val", "test": "val"}  # the data module tests on the validation split
-
-
 def resolve_checkpoint_path(path: str | None) -> Path:
     """``path``, or the newest file matching it when it is a glob pattern."""
     check(bool(path), "model.phase1_checkpoint is not set: give the Phase 1 checkpoint, e.g. "
@@ -106,87 +106,94 @@ def load_phase1(path: Path, vocab_size: int = 0):
     return embedding, updater, hp
 
 
+def phase1_from_record(record: dict, vocab_size: int = 0):
+    """``(path, embedding, updater, hparams)`` of a recorded Phase 1 pairing, freshly initialised.
+
+    The weights are not read from the Phase 1 file: they are part of the Phase 2
+    checkpoint that carries the record and are loaded from it right after.
+    """
+    hp = record.get("hparams") if isinstance(record, dict) else None
+    check(isinstance(hp, dict) and {"vocab_size", "context", "embedding"} <= set(hp),
+          f"model.phase1={record!r} is not a Phase 1 pairing (expected the checkpoint, weights and hparams a "
+          "Phase 2 checkpoint records): leave model.phase1 unset.")
+    check(vocab_size <= 0 or int(hp["vocab_size"]) == vocab_size,
+          f"this Phase 2 model was trained with a vocabulary of {hp['vocab_size']} ids but the data's tokenizer has "
+          f"{vocab_size}: use the tokenizer (data settings) of that run.")
+    embedding = build_embedding(int(hp["vocab_size"]), hp["embedding"], default_dim=int(hp["context"]["context_dim"]),
+                                load_pretrained=False)
+    updater = build_context_updater(hp["context"], embedding.embed_dim)
+    return Path(str(record.get("checkpoint") or "")), embedding, updater, hp
+
+
 class Phase2LM(NextTokenModule):
     """Phase 2 CVFP language model (see the module docstring).
 
     Args:
         vocab_size: number of ids (linked from ``data.vocab_size``); must equal Phase 1's.
         phase1_checkpoint: the Phase 1 ``.ckpt`` (a glob pattern picks the newest match).
+        phase1: the Phase 1 pairing recorded in a Phase 2 checkpoint (``checkpoint``: the
+            resolved Phase 1 path, ``weights``: the digest of its embedding and context block,
+            ``hparams``: its ``vocab_size``, ``context``, ``embedding``). Leave it null: it is set
+            from the checkpoint by ``--ckpt_path`` and ``load_from_checkpoint``, and then the model
+            is built from it (weights from the checkpoint) instead of from ``phase1_checkpoint``.
         weight_tying: the head is the embedding matrix (shared storage) instead of a
             zero-initialised ``Linear(E, V)``.
-        freeze_embedding: keep the embedding fixed (the seeds' setting with GPT-2 ``wte``).
+        freeze_embedding: keep the embedding fixed (the seed documents' setting with GPT-2 ``wte``).
         lr: Adam learning rate.
         grad_clip: max gradient norm (0 disables).
-        cache: ``auto`` | ``require`` | ``off`` (see :mod:`cvfp_lightning.cache`).
-        cache_path: cache file; default ``context_cache.pt`` next to ``phase1_checkpoint``.
+        cache: ``auto`` | ``require`` | ``off`` (see :mod:`cvfp_lightning.context_cache`).
+        cache_path: cache folder; default ``context_cache/`` next to ``phase1_checkpoint``.
         seq_batch_size: sequences per batch of the sequential pass.
         prompts: generation prompts (``cvfp predict``).
         prompt_file: a UTF-8 file with one prompt per non-empty line.
         max_new_tokens: ids generated per prompt.
         temperature: softmax temperature (> 0) of sampling.
         top_k: sample among the k most likely ids (null: all).
+        top_p: sample among the most likely ids whose probabilities sum to top_p (null: all).
         greedy: take the most likely id instead of sampling.
+        seed: seed of every prompt's samples (null: the run's global RNG, set by ``seed_everything``);
+            ``cvfp generate --seed`` of the exported model gives the same continuations.
     """
 
     data_layout = "positions"
+    RECORDED_ARGS = ("phase1",)  # written into the checkpoint's hyper_parameters by on_save_checkpoint
 
-    def __init__(self, vocab_size: int = 0, phase1_checkpoint: str | None = None, weight_tying: bool = False,
+    def __init__(self, vocab_size: int = 0, phase1_checkpoint: str | None = None, phase1: dict | None = None,
+                 weight_tying: bool = False,
                  freeze_embedding: bool = True, lr: float = 1e-3, grad_clip: float = 1.0,
                  cache: Literal["auto", "require", "off"] = "auto", cache_path: str | None = None,
                  seq_batch_size: int = 256, prompts: list[str] | str | None = None, prompt_file: str | None = None,
                  max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
-                 greedy: bool = False):
+                 greedy: bool = False, top_p: float | None = None, seed: int | None = None):
         super().__init__()
         check(cache in CACHE_MODES, f"model.cache={cache!r} is unknown: expected one of {', '.join(CACHE_MODES)}.")
         check_positive("model.lr", lr)
         check_positive("model.grad_clip", grad_clip, allow_zero=True)
         check_positive("model.seq_batch_size", seq_batch_size)
-        self.prompts = self._check_generation(prompts, prompt_file, max_new_tokens, temperature, top_k)
+        check_sampling(temperature, top_k, top_p, max_new_tokens, prefix="model.")
+        self.prompts = read_prompts(prompts, prompt_file)
         self.max_new_tokens, self.temperature, self.top_k, self.greedy = max_new_tokens, temperature, top_k, greedy
+        self.top_p, self.seed = top_p, seed
         self.cache_mode, self.cache_path, self.seq_batch_size = cache, cache_path, seq_batch_size
 
-        self.phase1_path = resolve_checkpoint_path(phase1_checkpoint)
-        embedding, updater, p1 = load_phase1(self.phase1_path, vocab_size)
+        if phase1 is not None:  # the pairing of a Phase 2 checkpoint: its own weights follow
+            self.phase1_path, embedding, updater, p1 = phase1_from_record(phase1, vocab_size)
+        else:
+            self.phase1_path = resolve_checkpoint_path(phase1_checkpoint)
+            embedding, updater, p1 = load_phase1(self.phase1_path, vocab_size)
         self.phase1_hparams = p1
         self.lm = CVFPLanguageModel(embedding, updater, weight_tying=weight_tying, train_embedding=not freeze_embedding)
+        self.phase1_digest = weights_digest(*self.lm.context_modules())
         self.save_hyperparameters({"vocab_size": int(p1["vocab_size"]), "weight_tying": weight_tying,
                                    "freeze_embedding": freeze_embedding, "lr": lr, "grad_clip": grad_clip})
-        self._contexts: dict[str, list[Tensor]] = {}
-        self._embed_table: Tensor | None = None
+        self._contexts = None  # context_cache.Contexts: final contexts by position
+        self._test_split = "test"
         self._contexts_for: tuple | None = None
         self.context_status = ""
         self.context_seconds = 0.0
-        self._generations: list[dict] = []
 
-    # ---- options -----------------------------------------------------------------------------
-    @staticmethod
-    def _check_generation(prompts, prompt_file, max_new_tokens, temperature, top_k) -> list[str]:
-        check(isinstance(temperature, (int, float)) and temperature > 0,
-              f"model.temperature={temperature!r} is invalid: expected a number > 0 (use model.greedy: true for "
-              "the most likely token).")
-        check(isinstance(max_new_tokens, int) and max_new_tokens > 0,
-              f"model.max_new_tokens={max_new_tokens!r} is invalid: expected a positive integer.")
-        check(top_k is None or (isinstance(top_k, int) and top_k > 0),
-              f"model.top_k={top_k!r} is invalid: expected a positive integer or null (all ids).")
-        out = [prompts] if isinstance(prompts, str) else list(prompts or [])
-        for k, p in enumerate(out):
-            check(isinstance(p, str) and p.strip() != "",
-                  f"model.prompts[{k}]={p!r} is empty: give some text to continue.")
-        if prompt_file:
-            path = Path(prompt_file).expanduser()
-            check(path.is_file(), f"model.prompt_file={prompt_file!r} does not exist: give a UTF-8 text file with "
-                                  "one prompt per line.")
-            try:
-                lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            except UnicodeDecodeError as exc:
-                raise CVFPUserError(f"model.prompt_file={prompt_file!r} is not UTF-8 text ({exc.reason}).") from None
-            check(len(lines) > 0, f"model.prompt_file={prompt_file!r} holds no prompt (only empty lines): "
-                                  "write one prompt per line.")
-            out += lines
-        return out
-
-    def _cache_file(self) -> Path:
-        return Path(self.cache_path) if self.cache_path else self.phase1_path.parent / CACHE_FILENAME
+    def _cache_folder(self) -> Path:
+        return Path(self.cache_path) if self.cache_path else self.phase1_path.parent / CACHE_DIRNAME
 
     # ---- contexts ----------------------------------------------------------------------------
     def _ensure_contexts(self) -> None:
@@ -197,33 +204,18 @@ class Phase2LM(NextTokenModule):
             if getattr(dm, "train_sequences", None) is None:
                 raise CVFPUserError("Phase2LM needs a TokenDataModule (data: class_path: "
                                     "cvfp_lightning.data.TextDataModule or similar) that provides train/val sequences.")
-        key = (id(dm.train_sequences), id(dm.val_sequences))
+        key = tuple(id(getattr(dm, f"{s}_sequences", None)) for s in ("train", "val", "test"))
         if self._contexts_for == key:
             return
-        lm, p1 = self.lm, self.phase1_hparams
-        ctx_embedding = lm.embedding if lm.context_embedding is None else lm.context_embedding
-        components = cache_components(ctx_embedding, lm.updater, dm,
-                                      contexts_config(p1["vocab_size"], p1["context"], p1["embedding"]))
-        strategy, world = self.trainer.strategy, self.trainer.world_size
-
-        def build():
-            return compute_context_cache(lm.updater, ctx_embedding, dm.train_sequences, dm.val_sequences, components,
-                                         self.seq_batch_size, rank=self.global_rank, world_size=world,
-                                         reduce=lambda t: strategy.reduce(t, reduce_op="sum"))
-
+        source = ContextSource(*self.lm.context_modules(), dm, self.phase1_hparams)
         start = time.perf_counter()
-        cache, message = resolve_context_cache(
-            self._cache_file(), self.cache_mode, components, lm.updater.layer_dims,
-            {"train": dm.train_sequences.num_tokens, "val": dm.val_sequences.num_tokens}, build,
-            write=self.trainer.is_global_zero)
-        if world > 1:
-            strategy.barrier("Phase2LM contexts")
-        self._contexts = cache.layers
-        self._embed_table = cache.embeddings
+        self._contexts, message = resolve_contexts(self._cache_folder(), self.cache_mode, source, self.trainer,
+                                                   self.seq_batch_size, write=self.trainer.state.fn == "fit")
+        self._test_split = "test" if getattr(dm, "test_sequences", None) is not None else "val"
         self._contexts_for = key
         self.context_status, self.context_seconds = message, time.perf_counter() - start
         rank_zero_info(f"Phase2LM: {message} (contexts ready in {self.context_seconds:.1f}s)")
-        for logger in self.loggers:  # fingerprint + read (cache hit) or + sequential pass (rebuild)
+        for logger in self.loggers:  # fingerprint + open (cache hit) or + sequential pass (rebuild)
             logger.log_metrics({"time/contexts_s": self.context_seconds}, step=self.global_step)
 
     def on_fit_start(self) -> None:
@@ -241,16 +233,17 @@ class Phase2LM(NextTokenModule):
         return self.lm.step(context, ids)
 
     def logits_targets(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
-        layers = self._contexts.get(SPLIT_OF[split])
-        if layers is None:
+        """The frozen block's per-layer outputs at each position, recomputed from the cached final
+        context of the position before (``c_{i-1}``, 0 where a sequence starts): ``[(n, d_l)]``."""
+        if self._contexts is None:
             raise RuntimeError("Phase2LM: contexts were not prepared (on_fit_start / on_validation_start).")
-        pos = batch["positions"].cpu()
-        context_layers = [layer[pos].to(self.device, non_blocking=True) for layer in layers]  # [(n, d_l)]
-        if self.lm.context_embedding is None and self._embed_table is not None:  # frozen: the cached embeddings
-            embeds = self._embed_table[batch["ids"].cpu()].to(self.device, non_blocking=True)  # (n, E)
-        else:
-            embeds = self.lm.embedding(batch["ids"])  # (n, E)
-        return self.lm.logits(context_layers, embeds), batch["targets"]  # (n, V), (n,)
+        pos, ids = batch["positions"], batch["ids"]
+        previous = self._contexts.gather(self._test_split if split == "test" else split, (pos - 1).clamp_min(0))
+        previous = torch.where(batch["is_start"].cpu().unsqueeze(-1), 0.0, previous).to(self.device)  # (n, D)
+        with torch.no_grad():
+            _, context_layers = self.lm.updater.update_context_one_step(previous, self.lm.context_embed(ids),
+                                                                        return_all_layers=True)
+        return self.lm.logits(context_layers, self.lm.embedding(ids)), batch["targets"]  # (n, V), (n,)
 
     def num_trainable_parameters(self) -> int:
         return self.lm.num_trainable_parameters()
@@ -260,13 +253,31 @@ class Phase2LM(NextTokenModule):
                 "contexts_s": self.context_seconds}
 
     # ---- checkpoints ---------------------------------------------------------------------------
+    def phase1_record(self) -> dict:
+        """The Phase 1 pairing: its resolved path, the digest of its weights and its hyperparameters."""
+        p1 = self.phase1_hparams
+        return {"checkpoint": str(self.phase1_path), "weights": self.phase1_digest,
+                "hparams": {"vocab_size": int(p1["vocab_size"]), "context": dict(p1["context"]),
+                            "embedding": dict(p1["embedding"])}}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[STATE_KEY] = {"phase1_checkpoint": str(self.phase1_path),
-                                 "phase1_weights": weights_digest(self.lm.updater)}
+        """Record the Phase 1 pairing; as the ``phase1`` argument, ``load_from_checkpoint`` and
+        ``--ckpt_path`` rebuild this model from it without the Phase 1 file."""
+        record = self.phase1_record()
+        checkpoint[STATE_KEY] = {"phase1_checkpoint": record["checkpoint"], "phase1_weights": record["weights"]}
+        checkpoint.setdefault("hyper_parameters", {})["phase1"] = record
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("state_dict", {})
+        record = (checkpoint.get("hyper_parameters") or {}).get("phase1")
+        if isinstance(record, dict) and record.get("weights"):
+            prefixes = ("lm.embedding." if self.lm.context_embedding is None else "lm.context_embedding.",
+                        "lm.updater.")
+            found = state_digest(*({k[len(p):]: v for k, v in state.items() if k.startswith(p)} for p in prefixes))
+            check(found == record["weights"],
+                  f"the checkpoint's context block is not the Phase 1 model it records ({record.get('checkpoint')}, "
+                  "weights digest differs): the file was altered; use the checkpoint its fit run wrote.")
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -281,39 +292,11 @@ class Phase2LM(NextTokenModule):
         self._contexts_for = None  # weights may have changed: contexts are checked again
 
     # ---- generation ----------------------------------------------------------------------------
-    def prompt_dataloader(self, tokenizer) -> DataLoader:
-        """One item per prompt: ``{"prompt": str, "ids": (T,) int64}`` (used by ``cvfp predict``)."""
-        check(tokenizer is not None, "generation needs a tokenizer: use a text data module (data.tokenizer).")
-        check(len(self.prompts) > 0, "cvfp predict has no prompt: pass --model.prompts '[\"Some text\"]' or "
-                                     "--model.prompt_file prompts.txt (one prompt per line).")
-        items = []
-        for k, prompt in enumerate(self.prompts):
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            check(len(ids) > 0, f"prompt {k} ({prompt!r}) gives no tokens: give some text to continue.")
-            items.append({"prompt": prompt, "ids": torch.tensor(ids, dtype=torch.long)})
-        return DataLoader(items, batch_size=None, shuffle=False)
-
-    def on_predict_start(self) -> None:
-        super().on_predict_start()
-        self._generations = []
+    def data_request(self) -> dict:
+        return {**super().data_request(), "prompts": self.prompts}
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
-        new_ids = self.lm.generate(batch["ids"], self.max_new_tokens, self.temperature, self.top_k, self.greedy)
-        continuation = tokenizer.decode(new_ids.tolist(), clean_up_tokenization_spaces=False)
-        out = {"prompt": batch["prompt"], "continuation": continuation, "new_tokens": int(new_ids.numel()),
-               "ids": new_ids.tolist()}
-        self._generations.append(out)
-        return out
-
-    def on_predict_end(self) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        for g in self._generations:
-            print(f"--- prompt: {g['prompt']!r} ({g['new_tokens']} new tokens)\n{g['prompt']}{g['continuation']}\n",
-                  flush=True)
-        log_dir = self.trainer.log_dir if self.trainer.loggers else None  # no logger: no files
-        if log_dir:
-            path = Path(log_dir) / "generations.jsonl"
-            atomic_write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in self._generations), path)
-            rank_zero_info(f"Phase2LM: {len(self._generations)} continuations written to {path}")
+        """``{"prompt": str, "ids": (T,)} -> {"prompt", "ids": (max_new_tokens,) the generated ids}``."""
+        new_ids = self.lm.generate(batch["ids"], self.max_new_tokens, self.temperature, self.top_k, self.greedy,
+                                   top_p=self.top_p, seed=self.seed)
+        return {"prompt": batch["prompt"], "ids": new_ids}

@@ -1,4 +1,4 @@
-"""Repetition CVFP training (seed: repetition-training): a context that returns to itself
+"""Repetition CVFP training (seed document: repetition-training): a context that returns to itself
 after every cycle of a repeated phrase.
 
 For a batch of repeated phrases (``input_ids (B, T)``, cycle lengths ``L_b``) the contexts
@@ -19,7 +19,7 @@ where MSE is the per-dimension mean squared error averaged over every real pair
   training passes). Distance ~0 / cosine ~1 means every phrase ends at the same point: a
   global attractor, which satisfies the loss without telling phrases apart.
 
-Seed CLI parameters: ``--lr``, ``--convergence-weight``, ``--token-weight`` are arguments
+The research script's CLI parameters: ``--lr``, ``--convergence-weight``, ``--token-weight`` are arguments
 here; ``--context-dim``, ``--hidden-dim``, ``--layers`` live in ``context``; ``--embed-dim``
 in ``embedding``; the data ones in
 :class:`~cvfp_lightning.data.repetition.RepeatedPhraseDataModule`; ``--device`` is
@@ -28,8 +28,6 @@ in ``embedding``; the data ones in
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -40,73 +38,16 @@ from torchmetrics import MeanMetric
 from cvfp_lightning.data.sequences import IGNORE_INDEX
 from cvfp_lightning.diagnostics import attractor_stats
 from cvfp_lightning.errors import check, check_positive
-from cvfp_lightning.losses import cyclic_convergence_loss
+from cvfp_lightning.losses import CycleStats, cycle_end_contexts, cycle_stats
 from cvfp_lightning.metrics import private_metric_states
 from cvfp_lightning.models.context import ContextConfig, build_context_updater, unroll
 from cvfp_lightning.models.embedding import EmbeddingConfig, build_embedding
 from cvfp_lightning.models.legacy import upgrade_checkpoint
-from cvfp_lightning.optim import configure_adam
+from cvfp_lightning.optim import clip_gradients, configure_adam
 
-# the seed's model: context 256, embed 256, hidden 512, 2 FNN layers, the simple updater
-SEED_CONTEXT = {"updater": "simple", "context_dim": 256, "hidden_dim": 512, "num_layers": 2}
-SEED_EMBEDDING = {"embed_dim": 256, "freeze": False}
-
-
-@dataclass
-class CycleStats:
-    """Statistics of one batch of contexts (see :func:`cycle_stats`).
-
-    ``conv_loss`` keeps its graph; the rest are detached. ``pairs`` / ``steps`` count the
-    real (t, t-L) pairs and (t, t-1) steps behind the means.
-    """
-
-    conv_loss: Tensor
-    conv_metric: Tensor
-    change: Tensor
-    pairs: int
-    steps: int
-
-
-def cycle_stats(contexts: Tensor, cycle_length: Tensor, mask: Tensor) -> CycleStats:
-    """Cyclic loss and distances of ``contexts (B, T, D)`` with per-row ``cycle_length (B,)``
-    and ``mask (B, T)`` (True = real position; padding only at the end of a row).
-
-    ``conv_loss`` = mean over all real pairs of ``per_dim_mse(ctx[t], ctx[t - L_b])``
-    (:func:`~cvfp_lightning.losses.cyclic_convergence_loss` per group of equal L, weighted
-    by pair count), ``conv_metric`` = mean ``||ctx[t] - ctx[t - L_b]||_2`` over the same
-    pairs, ``change`` = mean ``||ctx[t] - ctx[t - 1]||_2`` over real consecutive positions.
-    """
-    total_loss = contexts.sum() * 0.0
-    dist_sum = contexts.new_zeros(())
-    pairs = 0
-    for L in cycle_length.unique().tolist():
-        rows = cycle_length == L
-        c, m = contexts[rows], mask[rows]
-        pair_mask = m[:, L:] & m[:, :-L]
-        n = int(pair_mask.sum())
-        if n == 0:
-            continue
-        total_loss = total_loss + cyclic_convergence_loss(c, L, m) * n
-        dist = (c[:, L:] - c[:, :-L]).detach().norm(dim=-1)
-        dist_sum = dist_sum + dist[pair_mask].sum()
-        pairs += n
-    step_mask = mask[:, 1:] & mask[:, :-1]
-    steps = int(step_mask.sum())
-    change = (contexts[:, 1:] - contexts[:, :-1]).detach().norm(dim=-1)[step_mask].sum()
-    return CycleStats(conv_loss=total_loss / max(pairs, 1), conv_metric=dist_sum / max(pairs, 1),
-                      change=change / max(steps, 1), pairs=pairs, steps=steps)
-
-
-def cycle_end_contexts(contexts: Tensor, cycle_length: Tensor, mask: Tensor) -> Tensor:
-    """Context of each row at its last complete cycle: ``(B, T, D) -> (B, D)``.
-
-    Row b with ``n_b`` real positions ends its last whole cycle at
-    ``t = (n_b // L_b) * L_b - 1``; comparing rows there compares the same phase of every
-    cycle (after a whole phrase), which matters when the L_b differ.
-    """
-    n = mask.sum(dim=1)
-    last = (n // cycle_length) * cycle_length - 1
-    return contexts[torch.arange(contexts.shape[0], device=contexts.device), last.clamp_min(0)]
+# the research script's model: context 256, embed 256, hidden 512, 2 FNN layers, the simple updater
+RESEARCH_CONTEXT = {"updater": "simple", "context_dim": 256, "hidden_dim": 512, "num_layers": 2}
+RESEARCH_EMBEDDING = {"embed_dim": 256, "freeze": False, "init_std": 1.0}  # torch's nn.Embedding init, as the research script
 
 
 class RepetitionCVFPT(L.LightningModule):
@@ -114,13 +55,13 @@ class RepetitionCVFPT(L.LightningModule):
 
     Args:
         vocab_size: number of token ids (linked from ``data.vocab_size`` by the CLI).
-        context: the context block; None: the seed's (``simple``, 256 / 512 / 2 layers).
-            A mapping fills missing keys from the seed's values.
-        embedding: the token embedding; None: the seed's (learned, 256 wide, trained).
-        convergence_weight: alpha, weight of the cyclic MSE (seed 1.0).
-        token_weight: beta, weight of next-token CE (seed 0.0: no head is built).
-        lr: Adam learning rate (seed 1e-3).
-        grad_clip: max gradient norm per step (0 disables; seed 1.0).
+        context: the context block; None: the research script's (``simple``, 256 / 512 / 2 layers).
+            A mapping fills missing keys from the research script's values.
+        embedding: the token embedding; None: the research script's (learned, 256 wide, trained).
+        convergence_weight: alpha, weight of the cyclic MSE (research script 1.0).
+        token_weight: beta, weight of next-token CE (research script 0.0: no head is built).
+        lr: Adam learning rate (research script 1e-3).
+        grad_clip: max gradient norm per step (0 disables; research script 1.0).
     """
 
     log_stages = True  # log train/stage{s}/... and `stage` (Top-K has a single stage)
@@ -129,10 +70,10 @@ class RepetitionCVFPT(L.LightningModule):
                  embedding: EmbeddingConfig | dict | None = None, convergence_weight: float = 1.0,
                  token_weight: float = 0.0, lr: float = 1e-3, grad_clip: float = 1.0):
         super().__init__()
-        context = ContextConfig.coerce({**SEED_CONTEXT, **context} if isinstance(context, dict)
-                                       else context or dict(SEED_CONTEXT))
-        embedding = EmbeddingConfig.coerce({**SEED_EMBEDDING, **embedding} if isinstance(embedding, dict)
-                                           else embedding or dict(SEED_EMBEDDING))
+        context = ContextConfig.coerce({**RESEARCH_CONTEXT, **context} if isinstance(context, dict)
+                                       else context or dict(RESEARCH_CONTEXT))
+        embedding = EmbeddingConfig.coerce({**RESEARCH_EMBEDDING, **embedding} if isinstance(embedding, dict)
+                                           else embedding or dict(RESEARCH_EMBEDDING))
         check(isinstance(vocab_size, int) and vocab_size > 0,
               f"model.vocab_size={vocab_size!r} is invalid: expected a positive integer (the CLI links it from the data).")
         check_positive("model.convergence_weight", convergence_weight, allow_zero=True)
@@ -167,10 +108,8 @@ class RepetitionCVFPT(L.LightningModule):
     def configure_optimizers(self):
         return configure_adam(self)
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip = gradient_clip_val if gradient_clip_val is not None else self.hparams.grad_clip
-        if clip and clip > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def batch_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, CycleStats, Tensor | None, Tensor]:
         """``(loss, stats, token CE or None, contexts (B, T, D))`` of a batch."""

@@ -1,25 +1,24 @@
-"""Progressive token-count scaling of Phase 1 (seed: phase1-final-results).
+"""Progressive token-count scaling of Phase 1 (seed document: phase1-final-results).
 
 For every token count n (10, 20, ..., 100) and both gated architectures (``sequential``
 and ``layerwise`` stacking, 2 layers, 256 dims, hidden 256), train
-:class:`~cvfp_lightning.modules.Phase1FixedPoint` in ``tokenwise`` mode on the token ids
-0..n-1 (the seed's "sequential token IDs") for 3 epochs at lr 1e-4 with a Lightning
-``Trainer``, then read the validation pass on the same ids: the fixed point of each token
-solved from ``c = 0`` with the trained weights (tolerance: per-dimension MSE < 0.01, at most
-50 iterations, no warmup). Reported per count: convergence rate and mean iterations.
+:class:`~cvfp_lightning.modules.Phase1Tokenwise` on the token ids 0..n-1 (the seed
+document's "sequential token IDs") for 3 epochs at lr 1e-4 with a Lightning ``Trainer``,
+then read the validation pass on the same ids: the fixed point of each token solved from
+``c = 0`` with the trained weights (tolerance: per-dimension MSE < 0.01, at most 50
+iterations, no warmup). Reported per count: convergence rate and mean iterations.
 
-    python -m cvfp_lightning.experiments.token_scaling               # the seed's table
-    python -m cvfp_lightning.experiments.token_scaling --counts 10 50 --epochs 1
+    cvfp token-scaling                                   # the seed document's table
+    cvfp token-scaling --counts '[10, 50]' --epochs 1
+    cvfp token-scaling --print_config                    # every option
 
-Prints the seed's table layout and writes ``<out>/token_scaling.csv`` (one row per run, with
-wall seconds).
+Prints the seed document's table layout and writes ``<out>/token_scaling.csv`` (one row per
+run, with wall seconds). A progress bar over the runs (ETA from the mean time per run so far)
+shows on stderr; ``--progress false`` hides it.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
-import io
 import logging
 import time
 import warnings
@@ -28,11 +27,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from cvfp_lightning import progress
 from cvfp_lightning.data.text import SyntheticTokensDataModule
-from cvfp_lightning.errors import CVFPUserError, check
-from cvfp_lightning.io import atomic_write_text
-from cvfp_lightning.modules.phase1 import Phase1FixedPoint
-from cvfp_lightning.runtime import tune_cpu_allocator
+from cvfp_lightning.errors import check
+from cvfp_lightning.io import atomic_write_csv
+from cvfp_lightning.lightning_cli import CVFPArgumentParser
+from cvfp_lightning.modules.phase1 import Phase1Tokenwise
 
 ARCHITECTURES = ("sequential", "layerwise")
 COLUMNS = ["tokens", "architecture", "convergence_rate", "mean_iterations", "train_convergence_rate", "seconds"]
@@ -53,12 +53,12 @@ class TokenRangeDataModule(SyntheticTokensDataModule):
                 "nbytes": torch.zeros(2, dtype=torch.long)}
 
 
-def run_one(num_tokens: int, stacking: str, args: argparse.Namespace) -> dict:
+def run_one(num_tokens: int, stacking: str, args) -> dict:
     """Train one architecture on ``num_tokens`` ids; return the row of the table."""
     L.seed_everything(args.seed, verbose=False)
     data = TokenRangeDataModule(num_tokens=num_tokens, chunk_size=max(num_tokens, 1))
-    model = Phase1FixedPoint(
-        vocab_size=num_tokens, mode="tokenwise",
+    model = Phase1Tokenwise(
+        vocab_size=num_tokens,
         context={"updater": "gated", "stacking": stacking, "context_dim": args.context_dim,
                  "hidden_dim": args.hidden_dim, "num_layers": args.layers},
         embedding={"embed_dim": args.context_dim, "freeze": True},
@@ -77,7 +77,7 @@ def run_one(num_tokens: int, stacking: str, args: argparse.Namespace) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    """The seed's layout: one line per token count, both architectures side by side."""
+    """The seed document's layout: one line per token count, both architectures side by side."""
     by = {(r["tokens"], r["architecture"]): r for r in rows}
     counts = sorted({r["tokens"] for r in rows})
 
@@ -100,57 +100,54 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cvfp_lightning.experiments.token_scaling",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--counts", type=int, nargs="+", default=list(range(10, 101, 10)), help="token counts")
-    p.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), help="gated stackings to compare")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--context-dim", type=int, default=256)
-    p.add_argument("--hidden-dim", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--threshold", type=float, default=0.01, help="per-dimension MSE below which a token converged")
-    p.add_argument("--max-iterations", type=int, default=50)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--out", default="lightning_logs/token_scaling", help="folder of token_scaling.csv")
-    args = p.parse_args(argv)
-    check(all(n >= 1 for n in args.counts), f"--counts {args.counts} is invalid: every count must be >= 1.")
+def build_parser() -> CVFPArgumentParser:
+    from jsonargparse import ActionConfigFile
+
+    parser = CVFPArgumentParser(prog="cvfp token-scaling", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with these options")
+    parser.add_argument("--counts", type=list[int], default=list(range(10, 101, 10)), help="token counts")
+    parser.add_argument("--architectures", type=list[str], default=list(ARCHITECTURES),
+                        help="gated stackings to compare (sequential, layerwise)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--context_dim", type=int, default=256)
+    parser.add_argument("--hidden_dim", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--threshold", type=float, default=0.01, help="per-dimension MSE below which a token converged")
+    parser.add_argument("--max_iterations", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=42, help="the RNG seed of every run")
+    parser.add_argument("--accelerator", type=str, default="cpu")
+    parser.add_argument("--out", type=str, default="lightning_logs/token_scaling", help="folder of token_scaling.csv")
+    parser.add_argument("--progress", type=bool, default=True, help="show a progress bar over the runs")
+    return parser
+
+
+def parse_args(argv: list[str]):
+    args = build_parser().parse_args(list(argv))
+    check(len(args.counts) > 0 and all(n >= 1 for n in args.counts),
+          f"--counts {args.counts} is invalid: every count must be >= 1.")
     bad = [a for a in args.architectures if a not in ARCHITECTURES]
     check(not bad, f"--architectures {bad} is unknown: expected some of {list(ARCHITECTURES)}.")
     check(args.epochs >= 1, f"--epochs {args.epochs} is invalid: expected >= 1.")
     return args
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str]) -> list[dict]:
+    """``cvfp token-scaling ARGS`` (see the module docstring)."""
     args = parse_args(argv)
-    tune_cpu_allocator()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     rows = []
-    for n in args.counts:
-        for arch in args.architectures:
+    runs = [(n, arch) for n in args.counts for arch in args.architectures]
+    with progress.switched(args.progress), progress.task("cvfp token-scaling", total=len(runs), unit="runs") as bar:
+        for n, arch in runs:
             rows.append(run_one(n, arch, args))
             r = rows[-1]
             print(f"{n:4d} tokens  {arch:10s}  converged {100 * r['convergence_rate']:5.1f}%  "
                   f"mean iterations {r['mean_iterations']:5.2f}  ({r['seconds']:.1f} s)", flush=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    path = atomic_write_text(buf.getvalue(), Path(args.out) / "token_scaling.csv")
+            bar.advance(1)
+    path = atomic_write_csv(rows, COLUMNS, Path(args.out) / "token_scaling.csv")
     print()
     print(table(rows))
     print(f"\nwritten: {path}")
     return rows
-
-
-if __name__ == "__main__":
-    import sys
-
-    try:
-        main()
-    except CVFPUserError as exc:
-        print(f"token_scaling: error: {exc}", file=sys.stderr)
-        sys.exit(2)

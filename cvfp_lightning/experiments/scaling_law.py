@@ -2,7 +2,7 @@
 
 For every size N of ``sizes`` (training sample counts, given to the runs as
 ``data.train_samples``: the validation samples stay the same at every size),
-smallest first, it trains through :class:`~cvfp_lightning.cli.CVFPCLI`, the code of
+smallest first, it trains through :func:`cvfp_lightning.runs.fit`, the code of
 ``cvfp fit`` (no second training loop):
 
 1. Phase 1: ``cvfp fit --config <phase1_config> --data.init_args.train_samples N ...``; its
@@ -34,15 +34,17 @@ iterations, seconds per run and the size's wall time. Then, per model,
 
 Resume: a rerun with the same settings skips every run that has its ``<run>.json`` and
 starts the others afresh (a half-written run folder is deleted first). A record written
-with other settings (config file contents or overrides) is refused, never mixed in.
-Each run uses one process: keep ``trainer.devices`` at 1.
+with other settings (config file contents or overrides) is refused, never mixed in;
+display-only overrides (:data:`DISPLAY_KEYS`, e.g. ``trainer.enable_progress_bar``) are not
+settings. Each run uses one process: keep ``trainer.devices`` at 1.
+
+Progress: one line per run with the overall bar (runs done / to do, elapsed, ETA from the
+mean time per run so far) above each run's own Lightning bars; ``--progress false`` turns
+both off (it passes ``--trainer.enable_progress_bar=false`` to every run).
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import json
 import math
 import os
@@ -54,14 +56,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
+from cvfp_lightning import progress
 from cvfp_lightning.errors import CVFPUserError, check
-from cvfp_lightning.io import _atomic_write, atomic_write_json, atomic_write_text, file_sha256
+from cvfp_lightning.io import _atomic_write, atomic_write_csv, atomic_write_json, file_sha256
+from cvfp_lightning.lightning_cli import CVFPCLI, CVFPArgumentParser
+from cvfp_lightning.runs import FitResult, fit, program_argv
 
 CVFP = "cvfp"
 BASELINES = ("gru", "lstm", "transformer")
 COLUMNS = ["model", "samples", "train_tokens", "val_tokens", "val_ppl", "val_acc", "val_loss", "effective_rank_pct",
            "train_effective_rank_pct", "phase1_iterations", "phase1_s", "lm_s", "wall_s", "trainable_params",
            "best_epoch"]
+# overrides that change what a run shows, not what it computes: left out of the resume records' settings
+DISPLAY_KEYS = ("trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 
 # ---- the fit ----------------------------------------------------------------------------------------
@@ -127,8 +134,6 @@ def build_parser():
     from jsonargparse import ActionConfigFile
     from jsonargparse.typing import Path_fr
 
-    from cvfp_lightning.cli import CVFPArgumentParser
-
     parser = CVFPArgumentParser(prog="cvfp scaling", description=(
         "The scaling-law experiment: Phase 1 + Phase 2 (and optionally a baseline) for every size, then the fit "
         "log(PPL) = alpha * log(train tokens) + log(A). Paths in a config file are relative to that file."))
@@ -149,6 +154,8 @@ def build_parser():
                         help="the baseline config; default baseline_<arch>.yaml (lstm: baseline_gru.yaml) "
                              "beside phase1_config")
     parser.add_argument("--baseline_overrides", type=dict[str, Any], default={}, help="for the baseline runs")
+    parser.add_argument("--progress", type=bool, default=True,
+                        help="show the overall progress over the runs and each run's progress bars")
     return parser
 
 
@@ -166,6 +173,7 @@ class ScalingSettings:
     baseline: str | None = None
     baseline_config: Path | None = None
     baseline_overrides: dict | None = None
+    progress: bool = True
 
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)
@@ -198,7 +206,7 @@ class ScalingSettings:
                    phase2_config=path(cfg.phase2_config), overrides=cfg.overrides,
                    phase1_overrides=cfg.phase1_overrides, phase2_overrides=cfg.phase2_overrides,
                    baseline=cfg.baseline, baseline_config=path(cfg.baseline_config),
-                   baseline_overrides=cfg.baseline_overrides)
+                   baseline_overrides=cfg.baseline_overrides, progress=cfg.progress)
 
 
 def check_sizes(sizes: Sequence[int]) -> None:
@@ -213,6 +221,11 @@ def check_sizes(sizes: Sequence[int]) -> None:
                        f"{sizes[bad] if bad else ''}): list each sample count once, smallest first.")
 
 
+def settings_only(args: list[str]) -> list[str]:
+    """``args`` without the display-only overrides (:data:`DISPLAY_KEYS`)."""
+    return [a for a in args if not any(a.startswith(f"--{key}=") for key in DISPLAY_KEYS)]
+
+
 def cli_args(overrides: dict) -> list[str]:
     """``{"a.b": v}`` -> ``["--a.b=v"]``: strings as they are, other values as JSON (read as YAML).
 
@@ -223,44 +236,26 @@ def cli_args(overrides: dict) -> list[str]:
             for key in keys]
 
 
-@contextlib.contextmanager
-def _program_argv():
-    """LightningCLI warns when it gets ``args`` while ``sys.argv`` has arguments too: hide ours meanwhile."""
-    saved = sys.argv
-    sys.argv = saved[:1]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
 # ---- one run ---------------------------------------------------------------------------------------
 def _metric(metrics, key: str) -> float | None:
     value = metrics.get(key)
     return None if value is None else float(value)
 
 
-def _collect_phase1(cli) -> dict:
-    from cvfp_lightning.callbacks import ContextCacheHandoff, ConvergenceEarlyStopping
-
-    trainer = cli.trainer
-    metrics = trainer.callback_metrics
-    stopper = next((c for c in trainer.callbacks if isinstance(c, ConvergenceEarlyStopping)), None)
-    handoff = next((c for c in trainer.callbacks if isinstance(c, ContextCacheHandoff)), None)
-    dm = trainer.datamodule
-    return {"checkpoint": trainer.checkpoint_callback.last_model_path or None,
-            "context_cache": str(handoff.written) if handoff is not None and handoff.written else None,
-            "iterations": int(trainer.current_epoch),
-            "converged": bool(stopper is not None and stopper.stopped_at_iteration is not None),
-            "convergence_rate": _metric(metrics, "train/convergence_rate"),
-            "effective_rank_pct": _metric(metrics, "val/effective_rank_pct"),
-            "train_effective_rank_pct": _metric(metrics, "train/effective_rank_pct"),
-            "train_tokens": int(dm.train_sequences.num_tokens), "val_tokens": int(dm.val_sequences.num_tokens)}
+def _collect_phase1(result: FitResult) -> dict:
+    m = result.metrics
+    return {"checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
+            "context_cache": str(result.context_cache) if result.context_cache else None,
+            "iterations": result.epochs, "converged": result.converged,
+            "convergence_rate": _metric(m, "train/convergence_rate"),
+            "effective_rank_pct": _metric(m, "val/effective_rank_pct"),
+            "train_effective_rank_pct": _metric(m, "train/effective_rank_pct"),
+            "train_tokens": result.tokens.get("train"), "val_tokens": result.tokens.get("val")}
 
 
-def _collect_lm(cli) -> dict:
-    summary = dict(getattr(cli.model, "summary", None) or {})
-    check(summary.get("val/ppl") is not None, f"the {type(cli.model).__name__} run logged no val/ppl: the LM "
+def _collect_lm(result: FitResult) -> dict:
+    summary = result.summary
+    check(summary.get("val/ppl") is not None, f"the {summary.get('model', 'LM')} run logged no val/ppl: the LM "
                                               "configs of cvfp scaling must validate every epoch.")
     keep = ("val/ppl", "val/acc", "val/loss", "val/bpb", "train_tokens", "val_tokens", "trainable_params",
             "best_epoch", "epochs_run", "best_model_path", "contexts")
@@ -268,12 +263,9 @@ def _collect_lm(cli) -> dict:
 
 
 def run_fit(kind: str, args: list[str]) -> dict:
-    """``cvfp fit ARGS`` in this process (CVFPCLI); the metrics of a ``phase1`` or ``lm`` run."""
-    from cvfp_lightning.cli import CVFPCLI
-
-    with _program_argv():
-        cli = CVFPCLI(args=["fit", *args])
-    return _collect_phase1(cli) if kind == "phase1" else _collect_lm(cli)
+    """``cvfp fit ARGS`` in this process; the metrics of a ``phase1`` or ``lm`` run."""
+    result = fit(args)
+    return _collect_phase1(result) if kind == "phase1" else _collect_lm(result)
 
 
 Runner = Callable[[str, list[str]], dict]
@@ -286,6 +278,7 @@ class ScalingExperiment:
     def __init__(self, settings: ScalingSettings, runner: Runner = run_fit, log: Callable[[str], None] | None = None):
         self.s = settings
         self.runner = runner
+        self._bar: progress.ProgressTask | None = None  # the overall bar while run() runs
         self.log = log or (lambda msg: print(f"cvfp scaling: {msg}", file=sys.stderr, flush=True))
 
     # ---- layout ---------------------------------------------------------------------------------
@@ -301,11 +294,9 @@ class ScalingExperiment:
     # ---- checks before training -----------------------------------------------------------------
     def check_inputs(self) -> None:
         """Parse every config with its overrides and check the largest size fits the data."""
-        from cvfp_lightning.cli import CVFPCLI
-
         size = self.s.sizes[-1]
         args = self._args("phase1", size)[:-1] + ["--trainer.logger=false"]
-        with _program_argv():
+        with program_argv():
             cli = CVFPCLI(args=args, run=False)
         dm = cli.datamodule
         check(hasattr(dm, "train_samples"), f"{self.s.phase1_config}: the data module {type(dm).__name__} has no "
@@ -340,6 +331,8 @@ class ScalingExperiment:
             args.append(f"--model.init_args.phase1_checkpoint={phase1_checkpoint}")
         if match_params is not None and "model.init_args.match_params" not in self.s.baseline_overrides:
             args.append(f"--model.init_args.match_params={int(match_params)}")
+        if not self.s.progress:
+            args.append("--trainer.enable_progress_bar=false")
         logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                   "init_args": {"save_dir": str(self.s.out_dir), "name": self.size_dir(size).name, "version": run}}
         return [*args, f"--trainer.logger={json.dumps(logger)}"]
@@ -347,7 +340,7 @@ class ScalingExperiment:
     def _fingerprint(self, run: str, size: int) -> dict:
         config = self._config(run)
         return {"run": run, "size": size, "config": str(config), "config_sha256": file_sha256(config),
-                "args": self._settings_args(run, size)}
+                "args": settings_only(self._settings_args(run, size))}
 
     # ---- runs -----------------------------------------------------------------------------------
     def _finished(self, run: str, size: int) -> dict | None:
@@ -359,7 +352,9 @@ class ScalingExperiment:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CVFPUserError(f"{path} is not a readable scaling record ({exc}): delete it to rerun that run.") from None
         want = self._fingerprint(run, size)
-        got = record.get("settings", {})
+        got = dict(record.get("settings", {}))
+        if isinstance(got.get("args"), list):  # records written before display keys were left out
+            got["args"] = settings_only(got["args"])
         diffs = [k for k in ("config", "config_sha256", "args") if got.get(k) != want[k]]
         check(not diffs, f"{path} was written with other settings ({', '.join(diffs)} differ: "
                          f"{got.get('args') if 'args' in diffs else got.get('config')!r} vs "
@@ -382,6 +377,8 @@ class ScalingExperiment:
                   "seconds": time.perf_counter() - start}
         atomic_write_json(record, self.record_path(size, run))
         self.log(f"samples {size}: {run} done in {record['seconds']:.0f}s")
+        if self._bar is not None:
+            self._bar.advance(1, description=f"cvfp scaling: samples {size} {run} done")
         return record
 
     def run_size(self, size: int) -> list[dict]:
@@ -413,10 +410,14 @@ class ScalingExperiment:
     def run(self) -> dict:
         """Every size, then the fits and the result files; returns the ``scaling.json`` content."""
         start = time.perf_counter()
-        self.check_inputs()
-        rows = []
-        for size in self.s.sizes:
-            rows += self.run_size(size)
+        with progress.switched(self.s.progress):
+            self.check_inputs()
+            todo = sum(self._finished(run, size) is None for size in self.s.sizes for run in self.runs())
+            rows = []
+            with progress.task("cvfp scaling", total=todo, unit="runs", live=False) as self._bar:
+                for size in self.s.sizes:
+                    rows += self.run_size(size)
+            self._bar = None
         return write_results(self.s, rows, time.perf_counter() - start)
 
 
@@ -479,11 +480,7 @@ def write_results(settings: ScalingSettings, rows: list[dict], seconds: float | 
     """``scaling.csv``, ``scaling.json``, ``scaling.png`` and TensorBoard in ``out_dir``; prints the table."""
     out = settings.out_dir
     fits = fits_of(rows)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({c: r.get(c) for c in COLUMNS} for r in rows)
-    atomic_write_text(buf.getvalue(), out / "scaling.csv")
+    atomic_write_csv(rows, COLUMNS, out / "scaling.csv")
     result = {"rows": rows, "fits": {m: f.as_dict() for m, f in fits.items()},
               "fit_formula": "log(PPL) = alpha * log(train_tokens) + log(A)", "run_s": seconds,
               "wall_s": sum(r["wall_s"] or 0.0 for r in rows),
@@ -529,14 +526,7 @@ def _write_tensorboard(folder: Path, rows: list[dict], fits: dict, fig, text: st
         writer.close()
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str]) -> dict:
     """``cvfp scaling ARGS`` (see the module docstring)."""
-    parser = build_parser()
-    cfg = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    cfg = build_parser().parse_args(list(argv))
     return ScalingExperiment(ScalingSettings.from_namespace(cfg)).run()
-
-
-if __name__ == "__main__":
-    from cvfp_lightning.cli import main as cvfp_main
-
-    cvfp_main(["scaling", *sys.argv[1:]])
