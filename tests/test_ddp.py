@@ -25,7 +25,7 @@ import torch
 
 from conftest import CONFIGS, ROOT, read_scalars, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ddp")]  # one DDP run at a time under xdist
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 TWO = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
@@ -72,10 +72,11 @@ def predicted_positions(seqs) -> int:
     return int((seqs.lengths - 1).clamp_min(0).sum())
 
 
-def data_module(corpus: Path, max_seq_len: int):
+def data_module(corpus: Path, max_seq_len: int, test_fraction: float = 0.1):
     from cvfp_lightning.data import TextDataModule
 
-    dm = TextDataModule(paths=[str(corpus)], sequences="samples", max_seq_len=max_seq_len)
+    dm = TextDataModule(paths=[str(corpus)], sequences="samples", max_seq_len=max_seq_len,
+                        test_fraction=test_fraction)
     dm.setup()
     return dm
 
@@ -84,7 +85,7 @@ def values(scalars: dict, tag: str) -> list[float]:
     return [v for _, v in scalars[tag]]
 
 
-LM_DATA = ["--data.init_args.max_seq_len", "64", "--data.init_args.seq_len", "64"]
+LM_DATA = ["--data.init_args.max_seq_len", "64", "--data.init_args.seq_len", "64", "--data.init_args.test_fraction", "0.1"]
 LM_RUNS = {
     "phase2": ["--config", str(CONFIGS / "phase2.yaml"), "--model.init_args.cache", "off"],
     "gru": ["--config", str(CONFIGS / "baseline_gru.yaml"), "--model.init_args.match_params", "null",
@@ -100,7 +101,9 @@ LM_BATCH = {"phase2": ("--data.init_args.chunk_size", 256), "gru": ("--data.init
 
 
 @pytest.mark.parametrize("kind", list(LM_RUNS))
-def test_fit_validate_and_test_on_two_processes_equal_one(tmp_path, corpus, kind):
+def test_fit_with_its_validation_and_test_on_two_processes_equals_one(tmp_path, corpus, kind):
+    """Two epochs with validation, then the test pass on the best weights that ``cvfp fit`` runs
+    when the data has a test split: every scalar of train, val and test, and every token count."""
     from lm_helpers import phase1_checkpoint
 
     args = [*LM_RUNS[kind], "--data.init_args.paths", f"[{corpus}]", *LM_DATA]
@@ -110,19 +113,31 @@ def test_fit_validate_and_test_on_two_processes_equal_one(tmp_path, corpus, kind
     fit = ["fit", *args, "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1"]
     one, two = run_both(fit, tmp_path, "fit", one=[key, str(batch)], two=[key, str(batch // 2)])
     assert_same_scalars(one, two)
-
     dm = data_module(corpus, max_seq_len=64)
-    train_tokens, val_tokens = predicted_positions(dm.train_sequences), predicted_positions(dm.val_sequences)
-    assert values(two, "train/tokens") == [train_tokens] * 2  # every epoch, every training token once
-    assert values(two, "val/tokens") == [val_tokens] * 2
+    assert values(two, "train/tokens") == [predicted_positions(dm.train_sequences)] * 2  # every epoch, each once
+    assert values(two, "val/tokens") == [predicted_positions(dm.val_sequences)] * 2
+    assert values(two, "test/tokens") == [predicted_positions(dm.test_sequences)]
+    for split in ("val", "test"):  # bits per byte of the split's own bytes, not of a rank's or twice
+        assert 0.0 < values(two, f"{split}/bpb")[-1] < 20.0
 
-    ckpt = str(next((tmp_path / "fit_1").rglob("best.ckpt")))
-    for sub in ("validate", "test"):
+
+def test_validate_and_test_subcommands_on_two_processes_equal_one(tmp_path, corpus):
+    """``cvfp validate`` / ``cvfp test --ckpt_path`` of a Phase 2 checkpoint (its contexts of each
+    split computed sharded over the ranks): every scalar and the token count."""
+    from lm_helpers import phase1_checkpoint
+
+    args = [*LM_RUNS["phase2"], "--data.init_args.paths", f"[{corpus}]", *LM_DATA,
+            "--model.init_args.phase1_checkpoint", str(phase1_checkpoint(tmp_path / "p1" / "last.ckpt", 4096))]
+    key, batch = LM_BATCH["phase2"]
+    run_cli(["fit", *args, *QUIET, key, str(batch), "--trainer.max_epochs", "1",
+             "--trainer.logger.init_args.save_dir", str(tmp_path / "fit")])
+    ckpt = str(next((tmp_path / "fit").rglob("best.ckpt")))
+    dm = data_module(corpus, max_seq_len=64)
+    for sub, split in (("validate", "val"), ("test", "test")):
         one, two = run_both([sub, *args, key, str(batch), "--ckpt_path", ckpt], tmp_path, sub)
         assert_same_scalars(one, two)
-        split = "val" if sub == "validate" else "test"
-        assert values(two, f"{split}/tokens") == [val_tokens]
-        assert 0.0 < values(two, f"{split}/bpb")[0] < 20.0  # bits per byte of the split's own bytes
+        assert values(two, f"{split}/tokens") == [predicted_positions(getattr(dm, f"{split}_sequences"))]
+        assert 0.0 < values(two, f"{split}/bpb")[0] < 20.0
 
 
 def test_phase1_fit_and_validate_on_two_processes_equal_one(tmp_path, corpus):

@@ -47,6 +47,17 @@ def test_fit_reaches_early_stop_and_logs_the_named_scalars(tmp_path):
     assert 1.0 < er <= 100.0
     # the global diversity loss is -||X - mean||_F / N of the contexts: negative, bounded by -RMS spread
     assert scalars["train/diversity_loss"][-1][1] < 0
+    assert_monitor_reads_this_epochs_spectrum(scalars, dim=32)
+
+
+def assert_monitor_reads_this_epochs_spectrum(scalars: dict, dim: int) -> None:
+    """EffectiveRankMonitor's ``{split}/effective_rank`` is the module's ``effective_rank_pct`` of
+    the same epoch (one spectrum), at every epoch: not the previous epoch's."""
+    for split in ("train", "val"):
+        absolute = [v for _, v in scalars[f"{split}/effective_rank"]]
+        percent = [v for _, v in scalars[f"{split}/effective_rank_pct"]]
+        assert len(absolute) == len(percent) >= 2, split
+        assert [100 * v / dim for v in absolute] == pytest.approx(percent, rel=1e-5), split
 
 
 def _state(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -92,7 +103,9 @@ def test_bf16_mixed_precision_completes(tmp_path):
 
 
 def test_tokenwise_mode_logs_iterations_and_converges(tmp_path):
-    scalars = read_scalars(phase1(tmp_path, "--trainer.max_epochs", "2", config="phase1_tokenwise.yaml"))
+    monitor = ["--trainer.callbacks", '[{"class_path": "cvfp_lightning.callbacks.EffectiveRankMonitor"}]']
+    scalars = read_scalars(phase1(tmp_path, "--trainer.max_epochs", "2", *monitor, config="phase1_tokenwise.yaml"))
+    assert_monitor_reads_this_epochs_spectrum(scalars, dim=32)
     iters = [v for _, v in scalars["train/mean_iterations"]]
     assert all(1.0 <= v <= 200.0 for v in iters)
     assert scalars["val/convergence_rate"][-1][1] >= 0.95

@@ -12,8 +12,11 @@ class EffectiveRankMonitor(L.Callback):
     """Log ``{split}/effective_rank`` and the singular-value spectrum of train and val contexts.
 
     Reads the spectrum the module's ``train_erank`` / ``val_erank`` metrics computed this
-    epoch when there is one (no second SVD); otherwise computes it from
-    ``pl_module.contexts(split)`` on at most ``max_rows`` rows. The spectrum goes to
+    epoch when there is one (no second SVD): the training one after the epoch's last step,
+    the validation one in ``on_validation_end``, after the module's ``on_validation_epoch_end``
+    computed it (Lightning runs a callback's epoch-end hook before the module's). Without
+    one, in a single process, it computes it from ``pl_module.contexts(split)`` on at most
+    ``max_rows`` rows (under DDP a rank holds only its shard of the contexts). The spectrum goes to
     TensorBoard as a histogram of ``s / sum(s)`` (``spectrum/{split}``), as the figure
     ``figures/spectrum_{split}`` (``s_i / sum(s)`` against the index i, log y, one image per
     iteration: which singular value is which), plus the share of the largest singular value
@@ -27,7 +30,7 @@ class EffectiveRankMonitor(L.Callback):
     def _spectrum(self, pl_module, split: str):
         metric = getattr(pl_module, f"{split}_erank", None)
         s = getattr(metric, "last_singular_values", None)
-        if s is None and hasattr(pl_module, "contexts"):
+        if s is None and hasattr(pl_module, "contexts") and pl_module.trainer.world_size == 1:
             ctx = pl_module.contexts(split)
             if ctx is None or ctx.shape[0] == 0:
                 return None
@@ -56,5 +59,5 @@ class EffectiveRankMonitor(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(trainer, pl_module, "train")
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(trainer, pl_module, "val")

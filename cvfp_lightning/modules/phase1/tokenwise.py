@@ -99,10 +99,12 @@ class Phase1Tokenwise(Phase1Base):
         self.log("train/tokens", self.train_tokens, on_step=False, on_epoch=True)
         self.log("train/cvfp_loss", self.train_cvfp, on_step=False, on_epoch=True)
         self.log("train/loss", self.train_cvfp, on_step=False, on_epoch=True)
+        if not self._mid_iteration:  # the epoch's spectrum, before callbacks (EffectiveRankMonitor) read it
+            self.log("train/effective_rank_pct", self.train_erank.compute(), on_step=False, on_epoch=True,
+                     batch_size=1)
+            self.train_erank.reset()
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/effective_rank_pct", self.train_erank.compute())
-        self.train_erank.reset()
         self.log("time/iteration_s", time.perf_counter() - self._iter_start)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
