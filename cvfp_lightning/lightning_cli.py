@@ -155,6 +155,18 @@ class CVFPCLI(LightningCLI):
             callbacks = [*callbacks, RichProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
 
+    def after_fit(self) -> None:
+        """Score the test split with the best weights (``RunSummary`` has restored them): the
+        ``test/*`` metrics go to the logger and to ``summary.json``. Only for next-token models
+        whose data module holds a test split (``test_fraction`` or ``test_paths``), after a fit
+        that ran to its end."""
+        dm, trainer = self.datamodule, self.trainer
+        if not isinstance(self.model, NextTokenModule) or getattr(dm, "test_sequences", None) is None:
+            return
+        if trainer.interrupted or trainer.fast_dev_run:
+            return
+        trainer.test(self.model, datamodule=dm, verbose=False)
+
     def after_instantiate_classes(self) -> None:
         """The data config (class and init args) as the data module's hyperparameters, unless it
         saved its own: Lightning logs them with the model's (TensorBoard's HPARAMS tab, ``data/*``)

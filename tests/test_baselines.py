@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, run_cli
+from conftest import CONFIGS, read_scalars, run_cli
 from cvfp_lightning import CVFPUserError
 from cvfp_lightning.models import CVFPLanguageModel, build_baseline, build_context_updater, build_embedding
 from cvfp_lightning.models.baselines import count_trainable, match_hidden_dim
@@ -88,3 +88,31 @@ def test_baseline_run_through_the_cli(name, tmp_path, corpus):
         assert key in summary and summary[key] == summary[key]  # present, not NaN
     assert summary["val/ppl"] < 4096  # learned something beyond uniform
     assert summary["best_model_path"].endswith("best.ckpt")
+
+
+@pytest.mark.slow
+def test_fit_scores_the_test_split_with_the_best_weights(tmp_path, corpus):
+    """With a test split, ``cvfp fit`` ends with a test pass on the best weights: its ``test/*``
+    and token count are in ``summary.json`` and equal a later ``cvfp test --ckpt_path best``."""
+    from cvfp_lightning.data import TextDataModule
+
+    logs = tmp_path / "logs"
+    data = ["--data.init_args.paths", f"[{corpus}]", "--data.init_args.max_seq_len", "64",
+            "--data.init_args.seq_len", "64", "--data.init_args.test_fraction", "0.2"]
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    run_cli(["fit", "--config", str(CONFIGS / "baseline_gru.yaml"), *data, *quiet,
+             "--model.init_args.match_params", "40000", "--trainer.max_epochs", "2",
+             "--trainer.logger.init_args.save_dir", str(logs)])
+    run_dir = next(logs.rglob("summary.json")).parent
+    summary = json.loads((run_dir / "summary.json").read_text())
+    dm = TextDataModule(paths=[str(corpus)], sequences="samples", max_seq_len=64, test_fraction=0.2)
+    dm.setup()
+    predicted = int((dm.test_sequences.lengths - 1).clamp_min(0).sum())
+    assert summary["test_tokens"] == dm.test_sequences.num_tokens
+    assert summary["test/tokens"] == predicted
+    run_cli(["test", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(run_dir / "checkpoints" / "best.ckpt"),
+             *quiet, "--trainer.logger.init_args.save_dir", str(tmp_path / "again")])
+    again = read_scalars(tmp_path / "again")
+    for name in ("loss", "ppl", "acc", "bpb", "tokens"):
+        assert again[f"test/{name}"][-1][1] == pytest.approx(summary[f"test/{name}"], rel=1e-6), name
+    assert summary["test/loss"] != summary["val/loss"]  # another split

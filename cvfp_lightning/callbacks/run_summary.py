@@ -25,7 +25,9 @@ class RunSummary(L.Callback):
     epoch the TensorBoard figure ``figures/val_curve`` (val PPL, log y, and val bpb against
     epoch, the best so far marked) is redrawn, at step = the epoch. ``cvfp`` adds this
     callback to every next-token model (Phase 2, baselines); nothing is written in
-    ``fast_dev_run`` or without a logger.
+    ``fast_dev_run`` or without a logger. A test run that follows the fit on the same trainer
+    (``cvfp fit`` does one when the data has a test split) adds its ``test/*`` metrics to
+    ``summary.json``.
     """
 
     def __init__(self):
@@ -60,6 +62,18 @@ class RunSummary(L.Callback):
             shown = {k: round(v, 4) for k, v in self.summary.items() if k.startswith("val/") and isinstance(v, float)}
             rank_zero_info(f"{type(pl_module).__name__}: best epoch {best_epoch}: {shown} "
                            f"(summary: {Path(log_dir) / 'summary.json'})")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.summary:  # no fit before this test on this trainer
+            return
+        tested = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        self.summary.update(tested)
+        self.summary["test_tokens"] = getattr(getattr(trainer.datamodule, "test_sequences", None), "num_tokens", None)
+        log_dir = trainer.log_dir if trainer.loggers and not trainer.fast_dev_run else None
+        if trainer.is_global_zero and log_dir:
+            atomic_write_json(self.summary, Path(log_dir) / "summary.json")
+            shown = {k: round(v, 4) for k, v in tested.items()}
+            rank_zero_info(f"{type(pl_module).__name__}: test split with the best weights: {shown}")
 
     def _restore_best(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[str | None, int | None]:
         """Load the best checkpoint's weights back into the module (all ranks)."""
