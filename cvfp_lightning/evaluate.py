@@ -38,11 +38,8 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
-import torch
 from torch import Tensor
-from torchmetrics import Metric, SumMetric
 
-from cvfp_lightning.data.sequences import IGNORE_INDEX
 from cvfp_lightning.data.text import TextDataModule
 from cvfp_lightning.errors import CVFPUserError, check
 from cvfp_lightning.hub import CVFPModel
@@ -115,14 +112,10 @@ class Evaluation(NextTokenModule):
         self.is_cvfp = isinstance(model, CVFPModel)
         self.data_layout = "positions" if self.is_cvfp else "windows"
         self.seq_batch_size = seq_batch_size
-        self.tokens = SumMetric().set_dtype(torch.float64)
         self._layers: list[Tensor] = []
         self._has_weights = True
 
     def on_test_start(self) -> None:
-        for metric in self.modules():  # fresh state tensors: ddp_spawn gives its children the parent's metric
-            if isinstance(metric, Metric):  # states in shared memory, and every rank would add into the same ones
-                metric.reset()
         if not self.is_cvfp:
             return
         seqs, world = self.trainer.datamodule.val_sequences, self.trainer.world_size
@@ -139,11 +132,6 @@ class Evaluation(NextTokenModule):
             layers = [layer[pos].to(self.device) for layer in self._layers]  # [(n, d_l)]
             return self.model.logits(layers, self.model.embedding(batch["ids"])), batch["targets"]  # (n, V), (n,)
         return self.model(batch["input_ids"]), batch["targets"]  # (B, T, V), (B, T)
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        super().test_step(batch, batch_idx)
-        self.tokens.update((batch["targets"] != IGNORE_INDEX).sum())
-        self.log("test/tokens", self.tokens, on_step=False, on_epoch=True)
 
 
 def evaluation_data(model, files: list[Path], sample_by: str | None = None) -> EvaluationText:

@@ -376,14 +376,15 @@ def test_export_overwrites_only_an_earlier_export(exports, runs):
 
 
 # ---- train -> export -> evaluate -> generate through the CLI ---------------------------------------------
-def _validation_text(corpus: Path, val_fraction: float = 0.1) -> str:
-    """The validation samples of TextDataModule's split of ``corpus`` (the held-out tail of its paragraphs),
-    joined by blank lines, so that reading the file paragraph by paragraph gives back exactly those samples."""
+def _validation_text(corpus: Path, val_fraction: float = 0.1, test_fraction: float = 0.1) -> str:
+    """The validation samples of TextDataModule's split of ``corpus`` (``[train | val | test]`` of its
+    paragraphs, the shipped configs' fractions), joined by blank lines, so that reading the file paragraph
+    by paragraph gives back exactly those samples."""
     from cvfp_lightning.data import TextDataModule
 
     rows = TextDataModule(paths=[str(corpus)]).load_texts()["text"]
-    k = max(1, round(val_fraction * len(rows)))
-    return "\n\n".join(rows[len(rows) - k:])
+    k_val, k_test = max(1, round(val_fraction * len(rows))), max(1, round(test_fraction * len(rows)))
+    return "\n\n".join(rows[len(rows) - k_test - k_val:len(rows) - k_test])
 
 
 @pytest.mark.slow

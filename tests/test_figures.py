@@ -17,12 +17,13 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 
 def read_events(log_dir: Path) -> dict:
-    """Image tags with their steps, the ``hp_metric`` scalars and the logged hyperparameters of one run."""
+    """Image tags with their steps, the ``hp_metric`` scalars and the logged hyperparameters of one run
+    (every event file of its folder: a fit with a test split writes its test pass into a second one)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    [events] = list(Path(log_dir).rglob("events.out.tfevents.*"))
-    acc = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    assert list(Path(log_dir).rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     acc.Reload()
     images = {tag: [(e.step, e.width, e.height) for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
     hp_metric = [(e.step, e.value) for e in acc.Scalars("hp_metric")] if "hp_metric" in acc.Tags()["scalars"] else []

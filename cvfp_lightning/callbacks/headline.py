@@ -33,7 +33,8 @@ class HeadlineMetric(L.Callback):
     scalar, so this writes the real one at the last step: :data:`HEADLINES` names it per model
     kind (Phase 1: final ``train/convergence_rate``; Phase 2 and baselines: best ``val/bpb``
     over the fit's validation epochs, the best checkpoint's). Nothing is logged when the
-    metric never appeared (e.g. a fit without validation). ``cvfp`` adds it to every run.
+    metric never appeared (e.g. a fit without validation); a test pass that follows the fit
+    writes it once more. ``cvfp`` adds it to every run.
 
     Attributes:
         value: the headline logged (None before the end of fit or when there was none).
@@ -67,5 +68,14 @@ class HeadlineMetric(L.Callback):
         if value is None or not math.isfinite(value):
             return
         self.value = value
+        self._log(trainer)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A test pass after the fit on the same trainer (``cvfp fit`` with a test split) starts with
+        Lightning's ``hp_metric = -1`` again: write the fit's headline after it."""
+        if self.value is not None:
+            self._log(trainer)
+
+    def _log(self, trainer: L.Trainer) -> None:
         for logger in trainer.loggers:
-            logger.log_metrics({"hp_metric": value}, step=trainer.global_step)
+            logger.log_metrics({"hp_metric": self.value}, step=trainer.global_step)
