@@ -18,7 +18,7 @@ demo: $(BIN)/.installed
 	$(OFFLINE) $(BIN)/cvfp fit --config configs/phase1.yaml
 
 test: $(BIN)/.installed
-	$(OFFLINE) $(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(OFFLINE) $(BIN)/python -m pytest -q -p no:cacheprovider -n auto --dist loadgroup tests
 
 clean:
 	rm -rf lightning_logs .pytest_cache

@@ -388,6 +388,7 @@ def _validation_text(corpus: Path, val_fraction: float = 0.1, test_fraction: flo
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ddp")  # it evaluates on two processes too: one DDP run at a time under xdist
 def test_train_export_evaluate_generate(tmp_path, corpus, capsys):
     logs = tmp_path / "logs"
     data = ["--data.init_args.paths", f"[{corpus}]", "--data.init_args.max_seq_len", "128"]
