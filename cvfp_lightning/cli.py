@@ -13,7 +13,9 @@ subcommands' entry takes the subcommand too: it is LightningCLI's own); modules 
 only when their subcommand runs, and none of them imports this module (litgpt's
 ``__main__.py``). User errors (bad values, missing files, unreadable checkpoints, offline
 hub misses) print one line ``cvfp: error: ...`` and exit with code 2; pass ``--debug`` (or
-set ``CVFP_DEBUG=1``) for the traceback.
+set ``CVFP_DEBUG=1``) for the traceback. The package's log lines (``cvfp: ...`` on stderr)
+show from INFO up; ``--log_level WARNING`` (or ``CVFP_LOG_LEVEL``) quiets them. Both flags
+may stand anywhere on the line and are taken out before the subcommand parses the rest.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import importlib
 import os
 import sys
 
-from cvfp_lightning.runtime import tune_cpu_allocator
+from cvfp_lightning.runtime import LOG_LEVELS, configure_logging, log_level, tune_cpu_allocator
 
 LIGHTNING = "cvfp_lightning.runs:lightning_main"
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -44,7 +46,8 @@ def usage() -> str:
     width = max(len(name) for name in SUBCOMMANDS)
     lines = ["usage: cvfp SUBCOMMAND [options]   (cvfp SUBCOMMAND --help for its options)", "", "subcommands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in SUBCOMMANDS.items()]
-    lines += ["", "--debug (or CVFP_DEBUG=1) shows the traceback of an error."]
+    lines += ["", "--debug (or CVFP_DEBUG=1) shows the traceback of an error.",
+              f"--log_level {'|'.join(LOG_LEVELS)} (or CVFP_LOG_LEVEL; default INFO): which of cvfp's log lines show."]
     return "\n".join(lines)
 
 
@@ -52,6 +55,26 @@ def entry(name: str):
     """The entry function of subcommand ``name``."""
     module, _, function = SUBCOMMANDS[name][0].partition(":")
     return getattr(importlib.import_module(module), function)
+
+
+def take_option(argv: list[str], name: str) -> str | None:
+    """Remove ``--name VALUE`` / ``--name=VALUE`` from ``argv`` and from ``sys.argv`` (which
+    LightningCLI reads); the last value in ``argv``, None when absent."""
+
+    def take(args: list[str]) -> str | None:
+        value, i = None, 0
+        while i < len(args):
+            if args[i] == name and i + 1 < len(args):
+                value = args.pop(i + 1)
+                args.pop(i)
+            elif args[i].startswith(name + "="):
+                value = args.pop(i).split("=", 1)[1]
+            else:
+                i += 1
+        return value
+
+    take(sys.argv)
+    return take(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,6 +86,11 @@ def main(argv: list[str] | None = None) -> None:
         if "--debug" in sys.argv:
             sys.argv.remove("--debug")
         debug = True
+    try:
+        level = log_level(take_option(argv, "--log_level"))
+    except ValueError as exc:
+        print(f"cvfp: error: --log_level: {exc}", file=sys.stderr)
+        sys.exit(2)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return
@@ -74,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     tune_cpu_allocator()
     from cvfp_lightning.lightning_cli import CVFPArgumentParser, find_user_error
 
+    configure_logging(level)  # after lightning's import, which sets its loggers' level
     CVFPArgumentParser.debug = debug
     try:
         if SUBCOMMANDS[argv[0]][0] == LIGHTNING:

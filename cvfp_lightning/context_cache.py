@@ -1,29 +1,34 @@
-"""The Phase 1 -> Phase 2 context cache.
+"""The Phase 1 -> Phase 2 context cache: the final context of every position, in shard files.
 
 The Phase 2 context block is the frozen Phase 1 updater, so the contexts of a fixed text
-never change: one sequential pass (:func:`~cvfp_lightning.sequential_pass.sequential_pass`, the
-one update rule) gives every layer's context at every train and validation position,
-and Phase 2 trains on those. The cache stores them with a fingerprint of everything they
-depend on, so a cache made from other weights, other data or another tokenizer is never
-used by mistake.
+never change. Every layer's output at position i is a function of ``(c_{i-1}, e_i)`` only
+(the update reads the previous final context and the token), so the cache keeps just the
+final context ``c_i`` of every train, validation and test position (D values in fp32, bf16
+or fp16: ``4 D`` or ``2 D`` bytes per position on disk) and Phase 2 recomputes a batch's
+per-layer inputs with one parallel forward of the frozen block,
+``updater(c_{i-1}, e_i, return_all_layers=True)``. The contexts are written by the sharded
+sequential pass (:func:`~cvfp_lightning.sequential_pass.sharded_sequential_pass`): every
+rank writes the rows of its own shard to its own file, nothing is all-reduced, and nothing
+of size N is held in memory while writing.
 
-File (``torch.save`` of plain tensors, dicts and strings, read with
-``torch.load(weights_only=True)``)::
+Folder (``context_cache/`` next to the Phase 1 checkpoints)::
 
-    version      int
-    fingerprint  sha256 of the components below
-    components   {"version", "phase1_weights", "config", "data_source", "tokenizer",
-                  "train_tokens", "val_tokens"}: one sha256 / key each
-    layer_dims   [d_1 .. d_L]
-    train, val   [(N_split, d_l) float32 for each layer l]: the contexts after reading
-                 the token at each position (the last layer is the context itself)
-    embeddings   (V, E) float32: the embedding of every id (after its LayerNorm), the
-                 token-block input when the embedding is frozen
-    content_sha  sha256 of the tensors above (a tampered file is refused)
+    meta.json                     version, fingerprint, components (one sha256 each, see
+                                  COMPONENT_NAMES), dim, dtype, and per split its rows and
+                                  shards [{file, start, stop, bytes, sha256, mtime_ns}]
+    {split}.rank{r}-of-{W}.bin    rows [start, stop) of the split, raw little-endian
+
+A shard's sha256 is computed once, when it is written. A reader
+(:class:`ContextCache`) memory-maps the files read-only (file pages the kernel may
+reclaim; Phase 2 reads rows at random, so no more of a file is resident than it touches)
+and checks the fingerprint (a cache made from other weights, data, tokenizer or
+configuration is stale), each file's size, and, when a file's size or modification time
+differs from its record, its digest again: a file changed after it was written is refused.
 
 Modes (``cache`` of :class:`~cvfp_lightning.modules.phase2.Phase2LM`): ``auto`` reads a
-matching cache ("cache hit"), otherwise says why, recomputes and rewrites it; ``require``
-refuses a missing or stale cache with the reason; ``off`` recomputes in memory and never
+matching cache ("cache hit"), otherwise says why, recomputes and rewrites it (only a fit
+writes); ``require`` refuses a missing or stale cache with the reason; ``off`` computes the
+contexts in memory (``4 D`` bytes per position of every split, on every rank) and never
 reads or writes a file.
 """
 
@@ -31,25 +36,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
-from dataclasses import dataclass, field
+import uuid
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cvfp_lightning.context_store import context_dtype
 from cvfp_lightning.data.sequences import TokenSequences
+from cvfp_lightning.data.shards import shard_view
 from cvfp_lightning.data.tokenizer import tokenizer_fingerprint
 from cvfp_lightning.errors import CVFPUserError, check
-from cvfp_lightning.io import atomic_torch_save, safe_torch_load
+from cvfp_lightning.io import atomic_write_json, file_sha256
 from cvfp_lightning.models.context import ContextUpdater
 from cvfp_lightning.models.embedding import TokenEmbedding
-from cvfp_lightning.sequential_pass import sequential_pass
+from cvfp_lightning.sequential_pass import sequential_pass, sharded_sequential_pass
 
-CACHE_VERSION = 1
-CACHE_FILENAME = "context_cache.pt"
-SPLITS = ("train", "val")
+CACHE_VERSION = 2
+CACHE_DIRNAME = "context_cache"
+META = "meta.json"
+SPLITS = ("train", "val", "test")
 CacheMode = Literal["auto", "require", "off"]
 CACHE_MODES = ("auto", "require", "off")
 
@@ -61,6 +72,7 @@ COMPONENT_NAMES = {
     "tokenizer": "the tokenizer",
     "train_tokens": "the training token ids",
     "val_tokens": "the validation token ids",
+    "test_tokens": "the test token ids",
 }
 # embedding/context options that only affect initialisation or training, not the contexts
 _INIT_ONLY = {"freeze", "trust_remote_code", "pretrained", "init_std", "bias_std"}
@@ -107,7 +119,8 @@ def contexts_config(vocab_size: int, context: dict, embedding: dict) -> dict:
 def cache_components(embedding: TokenEmbedding, updater: ContextUpdater, datamodule, config: dict) -> dict[str, str]:
     """What the cached contexts depend on, one digest per item (see ``COMPONENT_NAMES``).
 
-    ``datamodule`` must expose ``train_sequences`` / ``val_sequences`` (after ``setup``);
+    ``datamodule`` must expose ``train_sequences`` / ``val_sequences`` (and ``test_sequences``,
+    None without a test split) after ``setup``;
     its ``cache_key()`` (source, tokenizer, options) and ``tokenizer`` are used when present.
     """
     tokenizer = getattr(datamodule, "tokenizer", None)
@@ -118,8 +131,8 @@ def cache_components(embedding: TokenEmbedding, updater: ContextUpdater, datamod
         "config": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
         "data_source": str(key()) if callable(key) else "unknown",
         "tokenizer": tokenizer_fingerprint(tokenizer) if tokenizer is not None else "none",
-        "train_tokens": sequences_digest(datamodule.train_sequences),
-        "val_tokens": sequences_digest(datamodule.val_sequences),
+        **{f"{split}_tokens": sequences_digest(seqs) if (seqs := getattr(datamodule, f"{split}_sequences", None))
+           is not None else "none" for split in SPLITS},
     }
 
 
@@ -127,73 +140,104 @@ def fingerprint(components: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()
 
 
-def _content_digest(layers: dict[str, list[Tensor]], embeddings: Tensor) -> str:
-    h = hashlib.sha256()
-    for split in SPLITS:
-        for k, t in enumerate(layers[split]):
-            _update_tensor(h, f"{split}.{k}", t)
-    _update_tensor(h, "embeddings", embeddings)
-    return h.hexdigest()
+class Contexts:
+    """The final contexts of a data module's splits, by global position (cached or computed)."""
+
+    dim: int
+
+    def gather(self, split: str, positions: Tensor) -> Tensor:  # pragma: no cover - interface
+        """``positions (k,)`` of ``split`` -> their final contexts, float32 ``(k, D)`` on the CPU."""
+        raise NotImplementedError
 
 
-@dataclass
-class ContextCache:
-    """Every layer's contexts of the train and val positions, with what they depend on.
+class InMemoryContexts(Contexts):
+    """Contexts held as one float32 ``(N_split, D)`` tensor per split (``cache: off``: 4 D bytes per position)."""
 
-    Attributes:
-        components: digests of what the contexts depend on (``COMPONENT_NAMES``).
-        layers: ``{"train": [(N_train, d_l)], "val": [(N_val, d_l)]}``, float32, CPU.
-        embeddings: ``(V, E)`` embedding of every id (after LayerNorm), float32, CPU.
-        seconds: time spent computing (0 for a cache read from disk).
-    """
+    def __init__(self, tensors: dict[str, Tensor]):
+        self.tensors = tensors
+        self.dim = int(next(iter(tensors.values())).shape[1])
 
-    components: dict[str, str]
-    layers: dict[str, list[Tensor]]
-    embeddings: Tensor
-    seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
+    def gather(self, split: str, positions: Tensor) -> Tensor:
+        return self.tensors[split][positions.to(self.tensors[split].device)].float().cpu()
+
+
+class ContextCache(Contexts):
+    """A cache folder read back: its meta and its shard files, memory-mapped read-only (see module doc)."""
+
+    def __init__(self, folder: str | Path, meta: dict):
+        self.folder, self.meta = Path(folder), meta
+        self.dim = int(meta["dim"])
+        self.dtype = context_dtype(meta["dtype"])
+        self._maps: dict[str, list[tuple[int, int, np.ndarray]]] = {}
 
     @property
-    def fingerprint(self) -> str:
-        return fingerprint(self.components)
+    def components(self) -> dict[str, str]:
+        return self.meta["components"]
 
-    @property
-    def layer_dims(self) -> list[int]:
-        return [int(t.shape[1]) for t in self.layers["train"]]
+    def rows(self, split: str) -> int:
+        return int(self.meta["splits"].get(split, {}).get("rows", 0))
 
-    def to_file(self) -> dict:
-        return {"version": CACHE_VERSION, "fingerprint": self.fingerprint, "components": dict(self.components),
-                "layer_dims": self.layer_dims, "train": list(self.layers["train"]), "val": list(self.layers["val"]),
-                "embeddings": self.embeddings, "content_sha": _content_digest(self.layers, self.embeddings)}
+    def _shards(self, split: str) -> list[tuple[int, int, np.ndarray]]:
+        if split not in self._maps:
+            raw = np.float32 if self.dtype == torch.float32 else np.uint16  # bf16 / fp16 read as their bits
+            self._maps[split] = [(int(s["start"]), int(s["stop"]),
+                                  np.memmap(self.folder / s["file"], dtype=raw, mode="r",
+                                            shape=(int(s["stop"]) - int(s["start"]), self.dim))
+                                  if int(s["stop"]) > int(s["start"]) else None)
+                                 for s in self.meta["splits"][split]["shards"]]
+        return self._maps[split]
 
+    def gather(self, split: str, positions: Tensor) -> Tensor:
+        positions = positions.reshape(-1).long().cpu()
+        out = torch.empty(positions.numel(), self.dim, dtype=self.dtype)
+        for start, stop, rows in self._shards(split):
+            mine = (positions >= start) & (positions < stop)
+            if rows is not None and bool(mine.any()):
+                got = torch.from_numpy(np.ascontiguousarray(rows[(positions[mine] - start).numpy()]))
+                out[mine] = got if self.dtype == torch.float32 else got.view(self.dtype)
+        return out.float()
 
-def compute_context_cache(updater: ContextUpdater, embedding: TokenEmbedding, train: TokenSequences,
-                          val: TokenSequences, components: dict[str, str], batch_size: int = 256, rank: int = 0,
-                          world_size: int = 1, reduce: Callable[[Tensor], Tensor] | None = None) -> ContextCache:
-    """One sequential pass over both splits with ``return_all_layers`` (fp32, no autocast).
+    # ---- reading and checking ------------------------------------------------------------------
+    @classmethod
+    def open(cls, folder: str | Path) -> "ContextCache":
+        """Read ``folder``'s meta and check its files; CVFPUserError (one line) when it is not a valid cache."""
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise CVFPUserError(f"{str(folder)!r} is not a cvfp_lightning context cache ({type(exc).__name__}): "
+                                "delete it, or point model.cache_path elsewhere.") from None
+        ok = (isinstance(meta, dict) and meta.get("version") == CACHE_VERSION and isinstance(meta.get("splits"), dict)
+              and isinstance(meta.get("components"), dict) and meta.get("dtype") in ("float32", "bfloat16", "float16"))
+        check(ok, f"{str(folder)!r} is not a cvfp_lightning context cache of version {CACHE_VERSION}: delete it so it "
+                  "is rebuilt.")
+        check(meta.get("fingerprint") == fingerprint(meta["components"]),
+              f"the context cache {str(folder)!r} has an inconsistent fingerprint: delete it so it is rebuilt.")
+        cache = cls(folder, meta)
+        itemsize = torch.empty((), dtype=cache.dtype).element_size()
+        for split, info in meta["splits"].items():
+            for shard in info["shards"]:
+                path = folder / shard["file"]
+                check(path.is_file(), f"the context cache {str(folder)!r} misses {shard['file']}: delete it so it is "
+                                      "rebuilt.")
+                stat = path.stat()
+                size = (int(shard["stop"]) - int(shard["start"])) * cache.dim * itemsize
+                changed = stat.st_size != size or (stat.st_mtime_ns != shard.get("mtime_ns")
+                                                   and file_sha256(path) != shard["sha256"])
+                check(not changed, f"the context cache {str(folder)!r} was modified after it was written "
+                                   f"({shard['file']}: its size or digest differs): delete it so it is rebuilt.")
+        return cache
 
-    The train and validation sequences run together (their steps share the batched
-    products, as in Phase 1's iteration 0); the rows are split afterwards. Under DDP every
-    rank computes its share of the sequences and ``reduce`` (a sum over ranks) completes
-    the tensors.
-    """
-    start = time.perf_counter()
-    was_training = updater.training, embedding.training
-    updater.eval(), embedding.eval()
-    try:
-        _, per_layer = sequential_pass(updater, embedding, TokenSequences.concat([train, val]), batch_size,
-                                       return_all_layers=True, rank=rank, world_size=world_size)
-        if reduce is not None and world_size > 1:
-            per_layer = [reduce(t) for t in per_layer]
-        sizes = [train.num_tokens, val.num_tokens]
-        parts = [t.float().cpu().split(sizes) for t in per_layer]  # per layer: (train rows, val rows)
-        layers = {split: [part[k].clone() for part in parts] for k, split in enumerate(SPLITS)}
-        with torch.no_grad():
-            ids = torch.arange(embedding.vocab_size, device=embedding.weight.device)
-            embeddings = embedding(ids).float().cpu()
-    finally:
-        updater.train(was_training[0]), embedding.train(was_training[1])
-    return ContextCache(dict(components), layers, embeddings, seconds=time.perf_counter() - start)
+    def stale_reasons(self, expected: dict[str, str], dim: int, num_tokens: dict[str, int]) -> list[str]:
+        """Why this cache cannot stand for ``expected`` (empty: it matches)."""
+        reasons = [f"{COMPONENT_NAMES.get(k, k)} differ" for k in sorted(set(expected) | set(self.components))
+                   if self.components.get(k) != expected.get(k)]
+        if not reasons:
+            if self.dim != dim:
+                reasons.append(f"its contexts are {self.dim} wide, not {dim}")
+            reasons += [f"it holds {self.rows(s)} {s} positions, not {n}" for s, n in num_tokens.items()
+                        if self.rows(s) != n]
+        return reasons
 
 
 class ContextSource:
@@ -201,13 +245,13 @@ class ContextSource:
 
     The one orchestration of the hand-off (:class:`~cvfp_lightning.callbacks.ContextCacheHandoff`
     at the end of Phase 1) and of Phase 2's contexts: the digests the contexts depend on
-    (:attr:`components`, computed once) and one sequential pass over both splits, shared
-    over the trainer's DDP ranks (:meth:`compute`).
+    (:attr:`components`, computed once), the sharded pass into a cache folder
+    (:meth:`write`), or the contexts in memory (:meth:`compute`).
 
     Args:
         embedding: the embedding the context block reads.
         updater: the context block.
-        datamodule: exposes ``train_sequences`` / ``val_sequences`` (after ``setup``).
+        datamodule: exposes ``train_sequences`` / ``val_sequences`` / ``test_sequences`` (after ``setup``).
         hparams: the Phase 1 hyperparameters (``vocab_size``, ``context``, ``embedding``).
     """
 
@@ -223,90 +267,131 @@ class ContextSource:
         return self._components
 
     @property
+    def splits(self) -> dict[str, TokenSequences]:
+        """The data module's splits that exist (``test`` only with a test split)."""
+        return {s: seqs for s in SPLITS if (seqs := getattr(self.datamodule, f"{s}_sequences", None)) is not None}
+
+    @property
     def num_tokens(self) -> dict[str, int]:
-        return {split: getattr(self.datamodule, f"{split}_sequences").num_tokens for split in SPLITS}
+        return {split: seqs.num_tokens for split, seqs in self.splits.items()}
 
-    def compute(self, trainer, batch_size: int = 256) -> ContextCache:
-        """:func:`compute_context_cache` over ``trainer``'s ranks (each its share, summed)."""
-        dm, strategy = self.datamodule, trainer.strategy
-        return compute_context_cache(self.updater, self.embedding, dm.train_sequences, dm.val_sequences,
-                                     self.components, batch_size, rank=trainer.global_rank,
-                                     world_size=trainer.world_size,
-                                     reduce=lambda t: strategy.reduce(t, reduce_op="sum"))
+    def _eval(self):
+        was = self.updater.training, self.embedding.training
+        self.updater.eval(), self.embedding.eval()
+        return lambda: (self.updater.train(was[0]), self.embedding.train(was[1]))
+
+    def compute(self, batch_size: int = 256) -> InMemoryContexts:
+        """Every split's final contexts in memory, on this process (fp32, no autocast)."""
+        restore = self._eval()
+        try:
+            tensors = {split: sequential_pass(self.updater, self.embedding, seqs, batch_size,
+                                              description=f"contexts: {split}").float()
+                       for split, seqs in self.splits.items()}
+        finally:
+            restore()
+        return InMemoryContexts(tensors)
+
+    def write(self, folder: str | Path, trainer, batch_size: int = 256, dtype: str = "float32") -> ContextCache:
+        """The cache folder of these contexts, written by all of ``trainer``'s ranks (each its shards).
+
+        Written into a temporary folder next to ``folder``, then moved into place by rank 0,
+        so a reader never sees half a cache; an existing cache there is replaced.
+        """
+        folder = Path(folder)
+        rank, world = trainer.global_rank, trainer.world_size
+        tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}") if rank == 0 else None
+        tmp = Path(trainer.strategy.broadcast(str(tmp) if tmp else "", 0))
+        tmp.mkdir(parents=True, exist_ok=True)
+        store = context_dtype(dtype)
+        row_bytes = self.updater.context_dim * torch.empty((), dtype=store).element_size()
+        parts, sinks, mine = [], [], {}
+        handles = []
+        for split, seqs in self.splits.items():
+            shard, view = shard_view(seqs, rank, world)
+            name = f"{split}.rank{rank}-of-{world}.bin"
+            fd = os.open(tmp / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(fd, shard.num_tokens * row_bytes)
+            handles.append(fd)
+
+            def sink(first: int, rows: Tensor, fd=fd) -> None:
+                raw = rows.detach().to(store).cpu().contiguous().view(torch.uint8).numpy()
+                os.pwrite(fd, memoryview(raw), first * row_bytes)
+
+            parts.append((shard, view))
+            sinks.append(sink)
+            mine[split] = {"file": name, "start": shard.start, "stop": shard.stop}
+        start = time.perf_counter()
+        restore = self._eval()
+        try:
+            sharded_sequential_pass(self.updater, self.embedding, parts, sinks, batch_size,
+                                    broadcast=lambda t, src: trainer.strategy.broadcast(t, src),
+                                    description="context cache: sequential pass")
+        finally:
+            restore()
+            for fd in handles:
+                os.fsync(fd)
+                os.close(fd)
+        for info in mine.values():
+            path = tmp / info["file"]
+            info.update(bytes=path.stat().st_size, sha256=file_sha256(path), mtime_ns=path.stat().st_mtime_ns)
+        atomic_write_json(mine, tmp / f"shards.rank{rank}.json")
+        trainer.strategy.barrier("context cache written")
+        if rank == 0:
+            splits = {split: {"rows": n, "shards": []} for split, n in self.num_tokens.items()}
+            for r in range(world):
+                for split, info in json.loads((tmp / f"shards.rank{r}.json").read_text()).items():
+                    splits[split]["shards"].append(info)
+                (tmp / f"shards.rank{r}.json").unlink()
+            comps = dict(self.components)
+            atomic_write_json({"version": CACHE_VERSION, "fingerprint": fingerprint(comps), "components": comps,
+                               "dim": self.updater.context_dim, "dtype": dtype, "splits": splits,
+                               "seconds": time.perf_counter() - start}, tmp / META)
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+                folder.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            tmp.rename(folder)
+        trainer.strategy.barrier("context cache in place")
+        return ContextCache.open(folder)
 
 
-def save_context_cache(cache: ContextCache, path: str | Path) -> Path:
-    """Write atomically (temp file + rename): a crash never leaves half a cache."""
-    return atomic_torch_save(cache.to_file(), path)
+def resolve_contexts(folder: str | Path | None, mode: str, source: ContextSource, trainer, batch_size: int = 256,
+                     write: bool = True) -> tuple[Contexts, str]:
+    """The contexts of ``source``: the cache at ``folder`` if it matches, else computed (and written).
 
-
-def read_context_cache(path: str | Path) -> ContextCache:
-    """Read and check a cache file (weights-only load); CVFPUserError when it is not one."""
-    data = safe_torch_load(path)
-    ok = (isinstance(data, dict) and {"components", "train", "val", "embeddings", "content_sha"} <= set(data)
-          and isinstance(data["components"], dict) and isinstance(data["train"], list)
-          and isinstance(data["val"], list) and isinstance(data["embeddings"], Tensor)
-          and all(isinstance(t, Tensor) and t.dim() == 2 for t in data["train"] + data["val"]))
-    check(ok, f"{str(path)!r} is not a cvfp_lightning context cache: delete it, or point model.cache_path elsewhere.")
-    layers = {"train": data["train"], "val": data["val"]}
-    check(_content_digest(layers, data["embeddings"]) == data["content_sha"],
-          f"the context cache {str(path)!r} was modified after it was written (its content digest does not match): "
-          "delete it so it is rebuilt.")
-    check(data.get("fingerprint") == fingerprint(data["components"]),
-          f"the context cache {str(path)!r} has an inconsistent fingerprint: delete it so it is rebuilt.")
-    return ContextCache(data["components"], layers, data["embeddings"])
-
-
-def stale_reasons(cache: ContextCache, expected: dict[str, str], layer_dims: list[int],
-                  num_tokens: dict[str, int]) -> list[str]:
-    """Why ``cache`` cannot stand for ``expected`` (empty list: it matches)."""
-    reasons = [f"{COMPONENT_NAMES.get(k, k)} differ" for k in sorted(set(expected) | set(cache.components))
-               if cache.components.get(k) != expected.get(k)]
-    if not reasons:
-        if cache.layer_dims != list(layer_dims):
-            reasons.append(f"its layer widths {cache.layer_dims} are not {list(layer_dims)}")
-        for split in SPLITS:
-            rows = {int(t.shape[0]) for t in cache.layers[split]}
-            if rows != {num_tokens[split]}:
-                reasons.append(f"it holds {sorted(rows)} {split} positions, not {num_tokens[split]}")
-    return reasons
-
-
-def resolve_context_cache(path: str | Path | None, mode: str, expected: dict[str, str], layer_dims: list[int],
-                          num_tokens: dict[str, int], build: Callable[[], ContextCache],
-                          write: bool = True) -> tuple[ContextCache, str]:
-    """Read the cache at ``path`` if it matches ``expected``, else build (and write) it.
-
-    Returns ``(cache, message)``; the message says "cache hit" or why it was rebuilt.
-    ``mode``: ``auto`` | ``require`` | ``off`` (see the module docstring). ``write``: this
-    process writes the rebuilt cache (rank 0 of a fit; evaluation never writes). Raises CVFPUserError in
-    ``require`` mode when the cache is missing, unreadable or stale.
+    Returns ``(contexts, message)``; the message says "cache hit" or why the contexts were
+    computed. ``mode``: ``auto`` | ``require`` | ``off`` (see the module docstring).
+    ``write``: a fit rewrites a missing or stale cache (all ranks together); evaluation never
+    writes and computes in memory. Raises CVFPUserError in ``require`` mode when the cache
+    is missing, unreadable or stale.
     """
     check(mode in CACHE_MODES, f"model.cache={mode!r} is unknown: expected one of {', '.join(CACHE_MODES)}.")
-    if mode == "off" or path is None:
-        cache = build()
-        return cache, f"contexts computed in {cache.seconds:.1f}s (cache off)"
-    path = Path(path)
-    if not path.exists():
-        why = f"no context cache at {path}"
+    start = time.perf_counter()
+    if mode == "off" or folder is None:
+        contexts = source.compute(batch_size)
+        return contexts, f"contexts computed in {time.perf_counter() - start:.1f}s (cache off)"
+    folder = Path(folder)
+    if not (folder / META).exists():
+        why = f"no context cache at {folder}"
     else:
         try:
-            cache = read_context_cache(path)
-            reasons = stale_reasons(cache, expected, layer_dims, num_tokens)
+            cache = ContextCache.open(folder)
+            reasons = cache.stale_reasons(source.components, source.updater.context_dim, source.num_tokens)
         except CVFPUserError as exc:
             reasons = [str(exc)]
         if not reasons:
-            return cache, f"context cache hit: {path}"
-        why = f"the context cache {path} is stale: " + "; ".join(reasons)
+            return cache, f"context cache hit: {folder}"
+        why = f"the context cache {folder} is stale: " + "; ".join(reasons)
     if mode == "require":
         raise CVFPUserError(f"{why}, and model.cache=require: rerun Phase 1 with the ContextCacheHandoff callback "
                             "on this data, point model.cache_path at the right cache, or set model.cache: auto "
                             "to rebuild it.")
-    cache = build()
     if not write:
-        return cache, f"{why}; contexts recomputed in {cache.seconds:.1f}s (not written)"
+        contexts = source.compute(batch_size)
+        return contexts, f"{why}; contexts computed in {time.perf_counter() - start:.1f}s (not written)"
     try:
-        save_context_cache(cache, path)
+        cache = source.write(folder, trainer, batch_size)
     except OSError as exc:
-        return cache, f"{why}; contexts recomputed in {cache.seconds:.1f}s (could not write {path}: {exc})"
-    return cache, f"{why}; contexts recomputed in {cache.seconds:.1f}s and the cache rewritten"
+        contexts = source.compute(batch_size)
+        return contexts, f"{why}; contexts computed in {time.perf_counter() - start:.1f}s (could not write {folder}: {exc})"
+    return cache, f"{why}; contexts recomputed in {time.perf_counter() - start:.1f}s and the cache rewritten"

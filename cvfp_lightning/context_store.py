@@ -25,7 +25,10 @@ generation the disk store syncs the file and tells the kernel to drop its pages
 
 :meth:`snapshot` writes (memory) or names (disk) a file holding the current generation and
 returns its record ``{"file", "sha256", "rows", "dim", "dtype"}`` for a checkpoint;
-:meth:`restore` reads one back after checking its size and digest.
+:meth:`restore` copies one back after checking its size and digest. A memory store's
+snapshot file is overwritten by the next one, and a disk store's file two generations
+later: only the newest checkpoint's contexts are kept (bounded disk use), and an older
+checkpoint's are refused as changed.
 """
 
 from __future__ import annotations
@@ -179,11 +182,11 @@ class ContextStore:
         else:
             path = self._file(self.generation)
             digest = file_sha256(path)
-        return {"file": str(path), "sha256": digest, "rows": self.num_rows, "dim": self.dim, "dtype": self.dtype_name,
-                "generation": self.generation}
+        return {"file": str(path), "sha256": digest, "rows": self.num_rows, "dim": self.dim, "dtype": self.dtype_name}
 
     def restore(self, record: dict) -> None:
-        """Load the rows of a :meth:`snapshot` record (checked: shape, dtype, size, digest)."""
+        """Load the rows of a :meth:`snapshot` record into the current generation (checked: shape,
+        dtype, size, digest), read in blocks (O(block) extra memory)."""
         path = Path(record.get("file", ""))
         check(path.is_file(), f"the checkpoint's context file {path} is missing: resume needs the run folder it "
                               "was written in (its contexts/), or start a new run.")
@@ -194,12 +197,13 @@ class ContextStore:
                     "with the same data, devices and context_dtype.")
         check(path.stat().st_size == self.num_rows * self.row_bytes and file_sha256(path) == record.get("sha256"),
               f"the checkpoint's context file {path} was changed after the checkpoint was written (its digest "
-              "differs): resume from a checkpoint whose files are intact, or start a new run.")
-        if self.kind == "memory":
-            raw = torch.from_file(str(path), shared=False, size=self.num_rows * self.dim, dtype=self.dtype)
-            self._data = raw.reshape(self.num_rows, self.dim).to(self.device)
-        else:
-            self.generation = int(record.get("generation", 0))
-            check(path.resolve() == self._file(self.generation).resolve(),
-                  f"the checkpoint's context file {path} is not this store's file {self._file(self.generation)}: "
-                  "resume in the run folder that wrote it.")
+              "differs; only the newest checkpoint's contexts are kept): resume from the run's last.ckpt, or start "
+              "a new run.")
+        block = 1 << 16
+        self.begin_generation()
+        with open(path, "rb") as handle:
+            for start in range(0, self.num_rows, block):
+                rows = min(block, self.num_rows - start)
+                raw = bytearray(handle.read(rows * self.row_bytes))
+                self.write(start, torch.frombuffer(raw, dtype=self.dtype).reshape(rows, self.dim))
+        self.end_generation()

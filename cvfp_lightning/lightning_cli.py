@@ -2,9 +2,12 @@
 
 ``CVFPCLI`` is a ``LightningCLI`` with the cvfp defaults: any LightningModule /
 LightningDataModule named by ``class_path``, ``data.vocab_size`` linked to the model,
-``last.ckpt`` checkpoints, RNG seed 42, a rich progress bar, a ``NonFiniteGuard`` on every run,
-``--ckpt_path last|best`` resolved over earlier runs and a resume with changed settings
-refused. ``CVFPArgumentParser`` (also the parser of the other subcommands) prints parse
+``last.ckpt`` checkpoints, RNG seed 42, a rich progress bar, a ``NonFiniteGuard`` and a
+``HeadlineMetric`` (``hp_metric``) on every run, the data settings among the logged
+hyperparameters, ``--ckpt_path last|best`` resolved over earlier runs and a resume with
+changed settings refused. ``trainer.enable_progress_bar`` also switches the package's own
+progress (:mod:`cvfp_lightning.progress`: sequential pass, context cache, Top-K loops) for
+the run. ``CVFPArgumentParser`` (also the parser of the other subcommands) prints parse
 errors as one line on stderr with exit code 2 (the full report with ``--debug``).
 
 The subcommand table and the entry point are in :mod:`cvfp_lightning.cli`; runs called
@@ -14,6 +17,7 @@ from Python (the scaling law, tests) go through :func:`cvfp_lightning.runs.fit`.
 from __future__ import annotations
 
 import glob
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -22,10 +26,13 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from cvfp_lightning.callbacks import GenerationWriter, NonFiniteGuard, RunSummary, TopKReport
+from cvfp_lightning import progress
+from cvfp_lightning.callbacks import (GenerationWriter, HeadlineMetric, NonFiniteGuard, ResidualMonitor, RunSummary,
+                                      TopKReport)
 from cvfp_lightning.errors import CVFPUserError
 from cvfp_lightning.models.legacy import RESUME_REFUSED, is_legacy_state_dict
 from cvfp_lightning.modules.lm_base import NextTokenModule
+from cvfp_lightning.modules.phase1.base import Phase1Base
 from cvfp_lightning.modules.topk import TopKBase
 
 
@@ -55,6 +62,15 @@ def _to_plain(value):
     if isinstance(value, (list, tuple)):
         return [_to_plain(v) for v in value]
     return value
+
+
+def _loggable(value):
+    """Plain values as they are, anything else (paths, objects) as its text: safe for logs and checkpoints."""
+    if isinstance(value, dict):
+        return {str(k): _loggable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_loggable(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def one_line(message: str) -> str:
@@ -113,7 +129,8 @@ class CVFPCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 42)
         kwargs.setdefault("save_config_kwargs", {"overwrite": False})
         kwargs.setdefault("parser_class", CVFPArgumentParser)
-        super().__init__(*args, **kwargs)
+        with progress.kept_switch():  # this run's trainer.enable_progress_bar applies to this run only
+            super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -121,19 +138,35 @@ class CVFPCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
-        """Add a NonFiniteGuard, the report of the model's kind (RunSummary for next-token models,
-        TopKReport for Top-K, GenerationWriter for predict) and a RichProgressBar unless progress
-        bars are off or one is configured."""
+        """Add a NonFiniteGuard, a HeadlineMetric, the reports of the model's kind (RunSummary for
+        next-token models, TopKReport for Top-K, ResidualMonitor for Phase 1, GenerationWriter for
+        predict) and a RichProgressBar unless progress bars are off or one is configured; switch
+        the package's progress on or off with the progress bar."""
         configured = list(config.get("callbacks") or []) + list(callbacks)
-        reports = {NextTokenModule: RunSummary, TopKBase: TopKReport}
+        reports = {NextTokenModule: RunSummary, TopKBase: TopKReport, Phase1Base: ResidualMonitor}
         if self.subcommand == "predict":
             reports = {NextTokenModule: GenerationWriter}
-        defaults = [NonFiniteGuard] + [report for kind, report in reports.items() if isinstance(self.model, kind)]
+        defaults = [NonFiniteGuard, HeadlineMetric] + [report for kind, report in reports.items()
+                                                       if isinstance(self.model, kind)]
         callbacks = [*callbacks, *(kind() for kind in defaults if not any(isinstance(c, kind) for c in configured))]
-        if config.get("enable_progress_bar", True) is not False and not any(
-                isinstance(c, ProgressBar) for c in configured):
+        bars = config.get("enable_progress_bar", True) is not False
+        progress.set_enabled(bars)
+        if bars and not any(isinstance(c, ProgressBar) for c in configured):
             callbacks = [*callbacks, RichProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def after_instantiate_classes(self) -> None:
+        """The data config (class and init args) as the data module's hyperparameters, unless it
+        saved its own: Lightning logs them with the model's (TensorBoard's HPARAMS tab, ``data/*``)
+        and stores them in checkpoints."""
+        dm, data = self.datamodule, self._get(self.config, "data")
+        if dm is None or data is None or getattr(dm, "hparams", None):
+            return
+        settings = _to_plain(data)
+        if isinstance(settings, dict) and "class_path" in settings:
+            settings = {"class": str(settings["class_path"]).rsplit(".", 1)[-1], **(settings.get("init_args") or {})}
+        if isinstance(settings, dict) and settings:
+            dm.save_hyperparameters({"data": _loggable(settings)}, frame=inspect.currentframe())
 
     def _set_seed(self) -> None:
         """Lightning's seeding, without the log line (user errors stay one line on stderr)."""

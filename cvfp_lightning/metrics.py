@@ -5,6 +5,8 @@
 - :class:`EffectiveRank`: Roy & Vetterli effective rank of the *uncentred* context matrix,
   ``p = s / sum(s)`` over its singular values, ``ER = exp(-sum p ln p)``, on at most
   ``max_rows`` rows sampled with a fixed RNG seed; ``percent=True`` reports ``100 ER / D``.
+- :class:`ResidualHistogram`: counts of residuals in fixed log-spaced bins around a threshold
+  (the distribution behind the convergence rate, in O(bins) memory).
 """
 
 from __future__ import annotations
@@ -36,6 +38,43 @@ class ConvergenceRate(Metric):
 
     def compute(self) -> Tensor:
         return (self.converged / self.total.clamp_min(1.0)).float()
+
+
+class ResidualHistogram(Metric):
+    """Counts of residuals (per-dimension MSE) in fixed log10 bins; ``update(residual (n,))``.
+
+    ``bins_per_decade`` bins per decade from ``threshold * 10**-decades_below`` to
+    ``threshold * 10**decades_above``, so the threshold is a bin edge and the bins left of it
+    hold exactly the residuals below it (up to rounding of log10); residuals outside the range
+    (0 and NaN included) count in the first / last bin. ``compute()`` returns ``counts
+    (bins,)`` float64, summed over batches and DDP ranks; :attr:`edges` are the ``bins + 1``
+    bin edges in residual units. Memory: the counts only, O(bins) (110 bins: 880 bytes),
+    never the residuals.
+    """
+
+    full_state_update = False
+
+    def __init__(self, threshold: float, decades_below: int = 8, decades_above: int = 3, bins_per_decade: int = 10,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.threshold, self.below, self.above = float(threshold), int(decades_below), int(decades_above)
+        self.per_decade = int(bins_per_decade)
+        self.bins = (self.below + self.above) * self.per_decade
+        self.add_state("counts", default=torch.zeros(self.bins, dtype=torch.float64), dist_reduce_fx="sum")
+
+    @property
+    def edges(self) -> Tensor:
+        """``(bins + 1,)`` float64 bin edges in residual units, increasing."""
+        return self.threshold * 10.0 ** torch.linspace(-self.below, self.above, self.bins + 1, dtype=torch.float64)
+
+    def update(self, residual: Tensor) -> None:
+        decades = torch.log10(residual.detach().reshape(-1).double().clamp_min(1e-300)) - math.log10(self.threshold)
+        decades = decades.nan_to_num(nan=float(self.above))
+        idx = ((decades + self.below) * self.per_decade).floor().clamp(0, self.bins - 1).long()
+        self.counts += torch.bincount(idx, minlength=self.bins).to(self.counts)
+
+    def compute(self) -> Tensor:
+        return self.counts.clone()
 
 
 def singular_values(matrix: Tensor) -> Tensor:
@@ -70,9 +109,7 @@ def sample_rows(rows: Tensor, max_rows: int, seed: int = 0) -> Tensor:
     """At most ``max_rows`` rows of ``rows (n, D)``, in order, drawn by ``randperm`` with ``seed`` (the same on every rank)."""
     if rows.shape[0] <= max_rows:
         return rows
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(rows.shape[0], generator=g)[:max_rows].sort().values
-    return rows[idx.to(rows.device)]
+    return rows[sample_positions(rows.shape[0], max_rows, seed).to(rows.device)]
 
 
 class EffectiveRank(Metric):
@@ -101,6 +138,46 @@ class EffectiveRank(Metric):
         self.last_singular_values = s
         value = 100.0 * er / rows.shape[1] if self.percent else er
         return value.to(self.device)
+
+
+def sample_positions(num_rows: int, max_rows: int, seed: int = 0) -> Tensor:
+    """The positions :func:`sample_rows` keeps of ``num_rows`` rows, sorted ``(min(n, max_rows),)`` int64."""
+    if num_rows <= max_rows:
+        return torch.arange(num_rows)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_rows, generator=g)[:max_rows].sort().values
+
+
+class GramEffectiveRank(Metric):
+    """Effective rank of sampled rows from their summed Gram matrix ``X^T X (D, D)`` (float64).
+
+    ``update(rows (k, D))`` adds ``rows^T rows``; the Gram is summed over DDP ranks, so each
+    rank passes only its own rows of a position-determined sample
+    (:func:`sample_positions` over the global positions) and what crosses ranks is O(D^2),
+    whatever N. The eigenvalues of the Gram are the squared singular values of the sampled
+    matrix, so the value equals :class:`EffectiveRank`'s on the same rows. Memory: 8 D^2 bytes.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, dim: int, percent: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.dim, self.percent = int(dim), percent
+        self.add_state("gram", default=torch.zeros(self.dim, self.dim, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("rows", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.last_singular_values: Tensor | None = None
+
+    def update(self, rows: Tensor) -> None:
+        x = rows.detach().double().reshape(-1, self.dim)
+        self.gram += x.T @ x
+        self.rows += x.shape[0]
+
+    def compute(self) -> Tensor:
+        s = torch.linalg.eigvalsh(self.gram.cpu()).clamp_min(0).sqrt().flip(0)
+        self.last_singular_values = s.float()
+        er = spectrum_rank(s)
+        return (100.0 * er / self.dim if self.percent else er).to(self.device)
 
 
 def next_token_stats(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor, Tensor]:

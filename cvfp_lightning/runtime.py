@@ -50,3 +50,64 @@ def tune_cpu_allocator() -> bool:
     _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     log.debug("malloc tuning %s", "applied" if _applied else "refused by libc")
     return _applied
+
+
+# ---- the package's log lines ---------------------------------------------------------------------
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class _RankZeroStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each record (a live rich bar redirects it), on rank 0 only."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        if getattr(rank_zero_only, "rank", 0) != 0:
+            return
+        self.setStream(sys.stderr)
+        super().emit(record)
+
+
+class _Formatter(logging.Formatter):
+    """``cvfp: message`` for INFO, ``cvfp: warning: message`` above it (like ``cvfp: error: ...``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        return f"cvfp: {level}{super().format(record)}"
+
+
+def log_level(level: str | int | None) -> int:
+    """The level of a name of :data:`LOG_LEVELS` (any case) or a number; None reads ``CVFP_LOG_LEVEL``
+    (default ``INFO``). Raises ValueError for an unknown name."""
+    if level is None:
+        level = os.environ.get("CVFP_LOG_LEVEL") or "INFO"
+    if isinstance(level, int):
+        return level
+    name = str(level).strip().upper()
+    if name not in LOG_LEVELS:
+        raise ValueError(f"log level {level!r} is unknown: expected one of {', '.join(LOG_LEVELS)}.")
+    return getattr(logging, name)
+
+
+def configure_logging(level: str | int | None = None) -> int:
+    """Show the ``cvfp_lightning`` loggers' lines at ``level`` and above (:func:`log_level`); returns the level.
+
+    One handler on the ``cvfp_lightning`` logger prints on stderr, on rank 0 only; calling this
+    again replaces it. When the application has configured the root logger (it has handlers),
+    no handler is added and the records reach the root's handlers. Lightning's own loggers keep
+    their handler; ``level`` above INFO quiets them too (the package's ``rank_zero_info`` lines
+    are Lightning's). Call it after importing ``lightning``, which sets its loggers' level on
+    import.
+    """
+    level = log_level(level)
+    package = logging.getLogger("cvfp_lightning")
+    package.setLevel(level)
+    for handler in [h for h in package.handlers if isinstance(h, _RankZeroStderrHandler)]:
+        package.removeHandler(handler)
+    if not logging.getLogger().hasHandlers():
+        handler = _RankZeroStderrHandler()
+        handler.setFormatter(_Formatter("%(message)s"))
+        package.addHandler(handler)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(max(level, logging.INFO))
+    return level

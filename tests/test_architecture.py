@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "cvfp_lightning"
 
 # lowest first; a module may import its own layer and the ones below
 LAYERS = [
-    ("foundation", ("errors", "io", "runtime")),
+    ("foundation", ("errors", "io", "runtime", "progress")),
     ("models, maths and data", ("models", "solvers", "losses", "metrics", "optim", "diagnostics", "data",
                                 "sequential_pass", "generation", "hub", "context_store")),
     ("the context cache", ("context_cache",)),

@@ -137,14 +137,18 @@ def phase2_files(tmp_path_factory, existing_run, files) -> dict[str, str]:
     run_cli(["fit", "--config", P2, "--model.init_args.phase1_checkpoint", p1, *QUICK[:4],
              "--data.init_args.num_samples", "6", "--data.init_args.max_seq_len", "64", "--trainer.max_epochs", "1",
              "--trainer.logger.init_args.save_dir", str(d / "logs")])
-    cache = next(existing_run.rglob("context_cache.pt"))
-    tampered = torch.load(cache, weights_only=True)
-    tampered["fingerprint"] = "0" * 64
-    torch.save(tampered, d / "tampered_cache.pt")
+    import json
+    import shutil
+
+    cache = next(existing_run.rglob("context_cache"))
+    shutil.copytree(cache, d / "tampered_cache")
+    meta = json.loads((d / "tampered_cache" / "meta.json").read_text())
+    meta["fingerprint"] = "0" * 64
+    (d / "tampered_cache" / "meta.json").write_text(json.dumps(meta))
     tok = load_tokenizer(None)
     tok.add_tokens(["<one-more>"])
     tok.save_pretrained(d / "tok4097")
-    return {"p1": p1, "p2": str(next((d / "logs").rglob("last.ckpt"))), "tampered": str(d / "tampered_cache.pt"),
+    return {"p1": p1, "p2": str(next((d / "logs").rglob("last.ckpt"))), "tampered": str(d / "tampered_cache"),
             "tok4097": str(d / "tok4097"), "good_cache": str(cache), **{k: str(v) for k, v in files.items()}}
 
 

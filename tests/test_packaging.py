@@ -53,4 +53,4 @@ def test_wheel_in_a_fresh_venv_runs_the_demo_config_outside_the_repository(tmp_p
     _run([str(venv / "bin" / "cvfp"), "fit", "--config", "phase1.yaml", "--trainer.max_epochs", "1",
           "--trainer.enable_progress_bar", "false"], run, env)
     checkpoints = run / "lightning_logs" / "phase1" / "version_0" / "checkpoints"
-    assert (checkpoints / "last.ckpt").is_file() and (checkpoints / "context_cache.pt").is_file()
+    assert (checkpoints / "last.ckpt").is_file() and (checkpoints / "context_cache" / "meta.json").is_file()

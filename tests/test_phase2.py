@@ -224,7 +224,7 @@ def test_phase1_then_phase2_with_a_cache_hit_then_test_and_predict(tmp_path, cor
              "--model.init_args.embedding.embed_dim", "32", "--trainer.logger.init_args.save_dir",
              str(tmp_path / "logs")])
     p1_dir = next((tmp_path / "logs" / "phase1").rglob("last.ckpt")).parent
-    assert (p1_dir / "context_cache.pt").is_file()  # written by ContextCacheHandoff
+    assert (p1_dir / "context_cache" / "meta.json").is_file()  # written by ContextCacheHandoff
 
     phase2 = ["--config", str(CONFIGS / "phase2.yaml"), *data, *QUIET, "--data.init_args.chunk_size", "256",
               "--model.init_args.phase1_checkpoint", str(tmp_path / "logs/phase1/version_*/checkpoints/last.ckpt"),
@@ -327,12 +327,12 @@ def test_evaluation_pairs_with_its_own_phase1_run_and_writes_into_no_other_run(t
     reference = read_scalars(logs / "phase2" / "version_1")
 
     run_cli([*phase1, "--seed_everything", "7"])  # a second Phase 1 run, now the newest match of the glob
-    assert (logs / "phase1" / "version_1" / "checkpoints" / "context_cache.pt").is_file()
+    assert (logs / "phase1" / "version_1" / "checkpoints" / "context_cache" / "meta.json").is_file()
     before = _file_digests(logs / "phase1")
     caplog.clear()
     run_cli(evaluate)
     assert _file_digests(logs / "phase1") == before  # nothing under either Phase 1 run changed
-    assert f"context cache hit: {first / 'context_cache.pt'}" in caplog.text  # the first run's contexts
+    assert f"context cache hit: {first / 'context_cache'}" in caplog.text  # the first run's contexts
     again = read_scalars(logs / "phase2" / "version_2")
     tags = [t for t in reference if t.startswith("test/")]
     assert {"test/loss", "test/ppl", "test/acc", "test/bpb"} <= set(tags)

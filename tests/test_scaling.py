@@ -296,7 +296,7 @@ def test_two_sizes_end_to_end_with_a_gru_baseline_then_resume(tmp_path, capsys):
     for size in (6, 12):
         record = json.loads((out / f"samples_{size:05d}" / "phase2.json").read_text())
         assert record["metrics"]["contexts"].startswith("context cache hit"), record["metrics"]["contexts"]
-        assert (out / f"samples_{size:05d}" / "phase1" / "checkpoints" / "context_cache.pt").is_file()
+        assert (out / f"samples_{size:05d}" / "phase1" / "checkpoints" / "context_cache" / "meta.json").is_file()
     capsys.readouterr()
 
     records = {p: p.stat().st_mtime_ns for p in out.glob("samples_*/*.json")}

@@ -16,7 +16,7 @@ def test_shards_of_whole_sequences_cut_at_the_nearest_sequence_start():
     assert shard_bounds(offsets, 2, True).tolist() == [0, 20, 30]  # 15 is nearer 20 than 9
     assert shard_bounds(offsets, 3, True).tolist() == [0, 9, 20, 30]
     assert shard_bounds(offsets, 2, False).tolist() == [0, 15, 30]
-    assert Shard.of(offsets, 1, 2, False) == Shard(1, 2, 15, 30, continues=True)
+    assert Shard.of(offsets, 1, 2, False) == Shard(1, 2, 15, 30, continues=True, chained=True)
     assert Shard.of(offsets, 1, 2, True) == Shard(1, 2, 20, 30, continues=False)
     # more ranks than sequences: some shards are empty, none overlaps, all positions covered
     bounds = shard_bounds(torch.tensor([0, 10]), 4, True)

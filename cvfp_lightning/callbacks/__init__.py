@@ -6,8 +6,10 @@ from cvfp_lightning.callbacks.early_stopping import ConvergenceEarlyStopping
 from cvfp_lightning.callbacks.effective_rank import EffectiveRankMonitor
 from cvfp_lightning.callbacks.generation_writer import GenerationWriter
 from cvfp_lightning.callbacks.guard import NonFiniteGuard, TrainingDiverged
+from cvfp_lightning.callbacks.headline import HeadlineMetric
+from cvfp_lightning.callbacks.residuals import ResidualMonitor
 from cvfp_lightning.callbacks.run_summary import RunSummary
 from cvfp_lightning.callbacks.topk_report import TopKReport
 
 __all__ = ["ConvergenceEarlyStopping", "EffectiveRankMonitor", "CVFPDiagnostics", "NonFiniteGuard", "TrainingDiverged",
-           "ContextCacheHandoff", "GenerationWriter", "RunSummary", "TopKReport"]
+           "ContextCacheHandoff", "GenerationWriter", "RunSummary", "TopKReport", "HeadlineMetric", "ResidualMonitor"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 
+from cvfp_lightning.callbacks.figures import log_figure, spectrum_figure, wants_figures
 from cvfp_lightning.metrics import effective_rank, sample_rows, spectrum_rank
 
 
@@ -13,8 +14,10 @@ class EffectiveRankMonitor(L.Callback):
     Reads the spectrum the module's ``train_erank`` / ``val_erank`` metrics computed this
     epoch when there is one (no second SVD); otherwise computes it from
     ``pl_module.contexts(split)`` on at most ``max_rows`` rows. The spectrum goes to
-    TensorBoard as a histogram of ``s / sum(s)`` (``spectrum/{split}``), plus the share of
-    the largest singular value (``{split}/top_singular_share``).
+    TensorBoard as a histogram of ``s / sum(s)`` (``spectrum/{split}``), as the figure
+    ``figures/spectrum_{split}`` (``s_i / sum(s)`` against the index i, log y, one image per
+    iteration: which singular value is which), plus the share of the largest singular value
+    (``{split}/top_singular_share``).
     """
 
     def __init__(self, every_n_epochs: int = 1, max_rows: int = 10_000):
@@ -45,6 +48,10 @@ class EffectiveRankMonitor(L.Callback):
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_histogram"):
                 experiment.add_histogram(f"spectrum/{split}", p.float(), global_step=trainer.current_epoch)
+        if wants_figures(trainer):
+            title = (f"{split} context spectrum, iteration {trainer.current_epoch + 1}: effective rank "
+                     f"{row[f'{split}/effective_rank']:.1f} of {len(s)}")
+            log_figure(trainer, f"figures/spectrum_{split}", spectrum_figure(s, title), trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(trainer, pl_module, "train")

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from cvfp_lightning.callbacks.figures import curve_figure, log_figure, wants_figures
 from cvfp_lightning.io import atomic_write_json, safe_torch_load
 
 
@@ -20,7 +21,9 @@ class RunSummary(L.Callback):
     every rank, and ``summary.json`` in the run folder (rank 0) records that epoch's
     ``val/*`` metrics, the model's trainable parameter count, the data's token counts,
     the median epoch time and the module's ``summary_extra()``. Without a monitored
-    checkpoint the best epoch is the one with the lowest ``val/loss``. ``cvfp`` adds this
+    checkpoint the best epoch is the one with the lowest ``val/loss``. After every validation
+    epoch the TensorBoard figure ``figures/val_curve`` (val PPL, log y, and val bpb against
+    epoch, the best so far marked) is redrawn, at step = the epoch. ``cvfp`` adds this
     callback to every next-token model (Phase 2, baselines); nothing is written in
     ``fast_dev_run`` or without a logger.
     """
@@ -43,6 +46,10 @@ class RunSummary(L.Callback):
         record = {"epoch": int(trainer.current_epoch)}
         record.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
         self.history.append(record)
+        if wants_figures(trainer) and "val/ppl" in record:
+            best = min(self.history, key=lambda r: r.get("val/loss", float("inf")))["epoch"]
+            title = f"{type(pl_module).__name__}: validation after each epoch (best so far: epoch {best})"
+            log_figure(trainer, "figures/val_curve", curve_figure(self.history, best, title), trainer.current_epoch)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         best_path, best_epoch = self._restore_best(trainer, pl_module)

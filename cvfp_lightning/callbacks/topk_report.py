@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from cvfp_lightning.callbacks.figures import log_figure, topk_loss_figure, wants_figures
 from cvfp_lightning.io import atomic_write_csv, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -20,8 +21,9 @@ class TopKReport(L.Callback):
 
     Into ``trainer.log_dir`` (or ``default_root_dir`` without a logger), on rank 0:
     ``topk_results.csv`` (one row per token, :data:`COLUMNS`), ``topk_summary.json`` (the
-    module's ``summary()``), and the Markdown table as TensorBoard text ``topk/results``.
-    ``cvfp`` adds it to every Top-K model.
+    module's ``summary()``), the Markdown table as TensorBoard text ``topk/results`` and the
+    figure ``figures/topk_losses`` (initial and final loss per token, log y, with the
+    ``converged_below`` line). ``cvfp`` adds it to every Top-K model.
     """
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -37,6 +39,12 @@ class TopKReport(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("topk/results", text, trainer.global_step)
+        if wants_figures(trainer):
+            fig = topk_loss_figure([f"{r['token_id']} {r['token_text']!r}"[:16] for r in rows],
+                                   [r["initial_loss"] for r in rows], [r["final_loss"] for r in rows],
+                                   pl_module.hparams.converged_below,
+                                   f"top-k {summary['schedule']}: {summary['converged']}/{summary['tokens']} converged")
+            log_figure(trainer, "figures/topk_losses", fig, trainer.global_step)
         log.info("top-k %s: %d/%d converged, mean final loss %.3g, attractor distance %.3g (init %.3g) -> %s",
                  summary["schedule"], summary["converged"], summary["tokens"], summary["mean_final_loss"],
                  summary["attractor_distance"], summary["attractor_distance_init"], path)

@@ -16,8 +16,9 @@ base class does the rest, the same way for every source:
    ``train_sequences`` / ``val_sequences`` / ``test_sequences`` (:class:`TokenSequences`;
    ``test_sequences`` is None without a test split) and :meth:`split`.
 3. Dataloaders in the layout the LightningModule names in the handshake
-   :meth:`TokenDataModule.connect` (called from its ``setup``): ``position_chunks``
-   (in-order chunks, Phase 1), ``positions`` (shuffled positions, Phase 2), ``windows``
+   :meth:`TokenDataModule.connect` (called from its ``setup``): ``shard_chunks`` (each
+   rank's own positions in in-order chunks, Phase 1), ``position_chunks`` (in-order chunks
+   dealt over ranks), ``positions`` (shuffled positions, Phase 2), ``windows``
    (``(B, T)`` windows, baselines) or ``streams`` (B lanes advancing window by window with
    their contexts carried, end-to-end Phase 2: :mod:`cvfp_lightning.data.streams`); the
    predict loader serves the prompts it passes.
@@ -42,6 +43,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cvfp_lightning.data.prompts import prompt_loader
+from cvfp_lightning.data.shards import ShardChunks
 from cvfp_lightning.data.sequences import (EpochShuffleSampler, PositionChunks, PositionCollate, PositionIndex,
                                            TokenSequences, Windows)
 from cvfp_lightning.data.snapshot import SNAPSHOT_KEY, data_snapshot
@@ -50,13 +52,14 @@ from cvfp_lightning.data.token_cache import META, TokenCacheWriter, read_token_c
 from cvfp_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from cvfp_lightning.data.tokenizer_fit import fitted_tokenizer, training_spec
 from cvfp_lightning.errors import CVFPUserError, check, check_fraction, check_positive
+from cvfp_lightning.progress import task
 
 log = logging.getLogger(__name__)
 
 SequenceMode = Literal["stream", "samples"]
 SplitName = Literal["train", "val", "test"]
 SPLITS = ("train", "val", "test")
-LAYOUTS = ("position_chunks", "positions", "windows", "streams")
+LAYOUTS = ("shard_chunks", "position_chunks", "positions", "windows", "streams")
 CACHE_VERSION = 2
 TOKENIZE_BATCH = 1000  # samples per tokenizer call while streaming into the cache
 
@@ -263,13 +266,15 @@ class TokenDataModule(L.LightningDataModule):
             ds = ds.select(range(self.num_samples))
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
         log.info("tokenising %d samples of %s", len(ds), what)
-        with TokenCacheWriter(self.cache_folder(source), self.cache_key(source), self.vocab_size, what) as writer:
+        with TokenCacheWriter(self.cache_folder(source), self.cache_key(source), self.vocab_size, what) as writer, \
+                task(f"tokenising {what}", total=len(ds), unit="samples") as bar:
             for batch in ds.iter(batch_size=TOKENIZE_BATCH):
                 texts = batch["text"]
                 ids = tok(texts, add_special_tokens=False)["input_ids"]
                 if self.add_eos and eos is not None:
                     ids = [x + [eos] for x in ids]
                 writer.add(ids, [len(t.encode("utf-8")) for t in texts])
+                bar.advance(len(texts))
             check(writer.num_tokens >= 2,
                   f"the data source {what} holds no text after tokenisation: give a non-empty source.")
             folder = writer.commit()
@@ -418,6 +423,10 @@ class TokenDataModule(L.LightningDataModule):
         """
         layout = self.layout
         world = self.trainer.world_size if self.trainer is not None else 1
+        if layout == "shard_chunks":  # Phase 1: each rank its own positions, in order
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            return DataLoader(ShardChunks(seqs, self.chunk_size, rank, world), batch_size=None,
+                              num_workers=self.num_workers)
         if layout == "position_chunks" or (layout == "positions" and not train):
             return DataLoader(PositionChunks(seqs, self.chunk_size, world), batch_size=None, shuffle=False,
                               num_workers=self.num_workers)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.data import IterableDataset
 
 
 def shard_bounds(offsets: Tensor, world_size: int, whole_sequences: bool) -> Tensor:
@@ -44,6 +45,8 @@ class Shard:
 
     ``continues``: ``start`` lies inside a sequence (not at its first position), so the
     input context of position ``start`` is the last context of the rank before.
+    ``chained``: the split is cut inside its sequences over several ranks (a stream), so
+    the ranks hand contexts on in turn; the same on every rank.
     """
 
     rank: int
@@ -51,6 +54,7 @@ class Shard:
     start: int
     stop: int
     continues: bool
+    chained: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -62,7 +66,7 @@ class Shard:
         start, stop = int(bounds[rank]), int(bounds[rank + 1])
         starts = torch.as_tensor(offsets, dtype=torch.long)
         continues = 0 < start < int(starts[-1]) and not bool((starts == start).any())
-        return cls(rank, world_size, start, stop, continues)
+        return cls(rank, world_size, start, stop, continues, chained=not whole_sequences and world_size > 1)
 
     @classmethod
     def whole(cls, num_tokens: int) -> "Shard":
@@ -89,3 +93,44 @@ def chunk_grid(shard: Shard, chunk_size: int, bounds: Tensor) -> tuple[list[tupl
     chunks = [(max(a, shard.start), min(a + c, shard.stop)) for a in starts]
     most = max(chunk_count(int(bounds[r]), int(bounds[r + 1]), c) for r in range(bounds.numel() - 1))
     return chunks, max(most, 1)
+
+
+def shard_view(seqs, rank: int, world_size: int):
+    """``(shard, view)``: rank ``rank``'s :class:`Shard` of a split and its sequences as a view.
+
+    A split of several sequences is cut at sequence starts (:func:`shard_bounds` with
+    ``whole_sequences``); a single stream anywhere, its pieces continuing one another.
+    ``seqs`` is a :class:`~cvfp_lightning.data.sequences.TokenSequences`.
+    """
+    whole = seqs.num_sequences > 1
+    shard = Shard.of(seqs.offsets, rank, world_size, whole)
+    if not whole:
+        share = round(seqs.num_bytes * shard.num_tokens / seqs.num_tokens) if seqs.num_tokens else 0
+        return shard, seqs.token_range(shard.start, shard.stop, share)
+    lo, hi = (int(i) for i in torch.searchsorted(seqs.offsets, torch.tensor([shard.start, shard.stop])))
+    return shard, seqs.select(lo, hi)
+
+
+class ShardChunks(IterableDataset):
+    """This rank's chunks of a split, in order, on the global grid: one position batch each.
+
+    Rank ``rank`` of ``world_size`` reads its :func:`shard_view` only, in chunks of
+    :func:`chunk_grid` (global positions in the batches), then empty batches until every
+    rank has the same count. An ``IterableDataset``, so Lightning adds no sampler of its own:
+    the ranks' order is this one. Holds nothing per token; a batch is O(chunk_size).
+    """
+
+    def __init__(self, seqs, chunk_size: int, rank: int = 0, world_size: int = 1):
+        self.seqs, self.chunk_size = seqs, int(chunk_size)
+        self.shard = Shard.of(seqs.offsets, rank, world_size, seqs.num_sequences > 1)
+        bounds = shard_bounds(seqs.offsets, world_size, seqs.num_sequences > 1)
+        self.chunks, self.length = chunk_grid(self.shard, self.chunk_size, bounds)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        for a, b in self.chunks:
+            yield self.seqs.position_batch(torch.arange(a, b))
+        for _ in range(self.length - len(self.chunks)):
+            yield self.seqs.position_batch(torch.zeros(0, dtype=torch.long))

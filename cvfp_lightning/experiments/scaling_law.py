@@ -34,8 +34,13 @@ iterations, seconds per run and the size's wall time. Then, per model,
 
 Resume: a rerun with the same settings skips every run that has its ``<run>.json`` and
 starts the others afresh (a half-written run folder is deleted first). A record written
-with other settings (config file contents or overrides) is refused, never mixed in.
-Each run uses one process: keep ``trainer.devices`` at 1.
+with other settings (config file contents or overrides) is refused, never mixed in;
+display-only overrides (:data:`DISPLAY_KEYS`, e.g. ``trainer.enable_progress_bar``) are not
+settings. Each run uses one process: keep ``trainer.devices`` at 1.
+
+Progress: one line per run with the overall bar (runs done / to do, elapsed, ETA from the
+mean time per run so far) above each run's own Lightning bars; ``--progress false`` turns
+both off (it passes ``--trainer.enable_progress_bar=false`` to every run).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
+from cvfp_lightning import progress
 from cvfp_lightning.errors import CVFPUserError, check
 from cvfp_lightning.io import _atomic_write, atomic_write_csv, atomic_write_json, file_sha256
 from cvfp_lightning.lightning_cli import CVFPCLI, CVFPArgumentParser
@@ -61,6 +67,8 @@ BASELINES = ("gru", "lstm", "transformer")
 COLUMNS = ["model", "samples", "train_tokens", "val_tokens", "val_ppl", "val_acc", "val_loss", "effective_rank_pct",
            "train_effective_rank_pct", "phase1_iterations", "phase1_s", "lm_s", "wall_s", "trainable_params",
            "best_epoch"]
+# overrides that change what a run shows, not what it computes: left out of the resume records' settings
+DISPLAY_KEYS = ("trainer.enable_progress_bar", "trainer.enable_model_summary")
 
 
 # ---- the fit ----------------------------------------------------------------------------------------
@@ -146,6 +154,8 @@ def build_parser():
                         help="the baseline config; default baseline_<arch>.yaml (lstm: baseline_gru.yaml) "
                              "beside phase1_config")
     parser.add_argument("--baseline_overrides", type=dict[str, Any], default={}, help="for the baseline runs")
+    parser.add_argument("--progress", type=bool, default=True,
+                        help="show the overall progress over the runs and each run's progress bars")
     return parser
 
 
@@ -163,6 +173,7 @@ class ScalingSettings:
     baseline: str | None = None
     baseline_config: Path | None = None
     baseline_overrides: dict | None = None
+    progress: bool = True
 
     def __post_init__(self):
         self.out_dir = Path(self.out_dir)
@@ -195,7 +206,7 @@ class ScalingSettings:
                    phase2_config=path(cfg.phase2_config), overrides=cfg.overrides,
                    phase1_overrides=cfg.phase1_overrides, phase2_overrides=cfg.phase2_overrides,
                    baseline=cfg.baseline, baseline_config=path(cfg.baseline_config),
-                   baseline_overrides=cfg.baseline_overrides)
+                   baseline_overrides=cfg.baseline_overrides, progress=cfg.progress)
 
 
 def check_sizes(sizes: Sequence[int]) -> None:
@@ -208,6 +219,11 @@ def check_sizes(sizes: Sequence[int]) -> None:
     bad = next((i for i in range(1, len(sizes)) if sizes[i] <= sizes[i - 1]), None)
     check(bad is None, f"sizes={sizes} is not strictly increasing ({sizes[bad - 1] if bad else ''} then "
                        f"{sizes[bad] if bad else ''}): list each sample count once, smallest first.")
+
+
+def settings_only(args: list[str]) -> list[str]:
+    """``args`` without the display-only overrides (:data:`DISPLAY_KEYS`)."""
+    return [a for a in args if not any(a.startswith(f"--{key}=") for key in DISPLAY_KEYS)]
 
 
 def cli_args(overrides: dict) -> list[str]:
@@ -262,6 +278,7 @@ class ScalingExperiment:
     def __init__(self, settings: ScalingSettings, runner: Runner = run_fit, log: Callable[[str], None] | None = None):
         self.s = settings
         self.runner = runner
+        self._bar: progress.ProgressTask | None = None  # the overall bar while run() runs
         self.log = log or (lambda msg: print(f"cvfp scaling: {msg}", file=sys.stderr, flush=True))
 
     # ---- layout ---------------------------------------------------------------------------------
@@ -314,6 +331,8 @@ class ScalingExperiment:
             args.append(f"--model.init_args.phase1_checkpoint={phase1_checkpoint}")
         if match_params is not None and "model.init_args.match_params" not in self.s.baseline_overrides:
             args.append(f"--model.init_args.match_params={int(match_params)}")
+        if not self.s.progress:
+            args.append("--trainer.enable_progress_bar=false")
         logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                   "init_args": {"save_dir": str(self.s.out_dir), "name": self.size_dir(size).name, "version": run}}
         return [*args, f"--trainer.logger={json.dumps(logger)}"]
@@ -321,7 +340,7 @@ class ScalingExperiment:
     def _fingerprint(self, run: str, size: int) -> dict:
         config = self._config(run)
         return {"run": run, "size": size, "config": str(config), "config_sha256": file_sha256(config),
-                "args": self._settings_args(run, size)}
+                "args": settings_only(self._settings_args(run, size))}
 
     # ---- runs -----------------------------------------------------------------------------------
     def _finished(self, run: str, size: int) -> dict | None:
@@ -333,7 +352,9 @@ class ScalingExperiment:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CVFPUserError(f"{path} is not a readable scaling record ({exc}): delete it to rerun that run.") from None
         want = self._fingerprint(run, size)
-        got = record.get("settings", {})
+        got = dict(record.get("settings", {}))
+        if isinstance(got.get("args"), list):  # records written before display keys were left out
+            got["args"] = settings_only(got["args"])
         diffs = [k for k in ("config", "config_sha256", "args") if got.get(k) != want[k]]
         check(not diffs, f"{path} was written with other settings ({', '.join(diffs)} differ: "
                          f"{got.get('args') if 'args' in diffs else got.get('config')!r} vs "
@@ -356,6 +377,8 @@ class ScalingExperiment:
                   "seconds": time.perf_counter() - start}
         atomic_write_json(record, self.record_path(size, run))
         self.log(f"samples {size}: {run} done in {record['seconds']:.0f}s")
+        if self._bar is not None:
+            self._bar.advance(1, description=f"cvfp scaling: samples {size} {run} done")
         return record
 
     def run_size(self, size: int) -> list[dict]:
@@ -387,10 +410,14 @@ class ScalingExperiment:
     def run(self) -> dict:
         """Every size, then the fits and the result files; returns the ``scaling.json`` content."""
         start = time.perf_counter()
-        self.check_inputs()
-        rows = []
-        for size in self.s.sizes:
-            rows += self.run_size(size)
+        with progress.switched(self.s.progress):
+            self.check_inputs()
+            todo = sum(self._finished(run, size) is None for size in self.s.sizes for run in self.runs())
+            rows = []
+            with progress.task("cvfp scaling", total=todo, unit="runs", live=False) as self._bar:
+                for size in self.s.sizes:
+                    rows += self.run_size(size)
+            self._bar = None
         return write_results(self.s, rows, time.perf_counter() - start)
 
 

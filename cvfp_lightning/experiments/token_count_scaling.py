@@ -13,7 +13,8 @@ iterations, no warmup). Reported per count: convergence rate and mean iterations
     cvfp token-scaling --print_config                    # every option
 
 Prints the seed document's table layout and writes ``<out>/token_scaling.csv`` (one row per
-run, with wall seconds).
+run, with wall seconds). A progress bar over the runs (ETA from the mean time per run so far)
+shows on stderr; ``--progress false`` hides it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from cvfp_lightning import progress
 from cvfp_lightning.data.text import SyntheticTokensDataModule
 from cvfp_lightning.errors import check
 from cvfp_lightning.io import atomic_write_csv
@@ -116,6 +118,7 @@ def build_parser() -> CVFPArgumentParser:
     parser.add_argument("--seed", type=int, default=42, help="the RNG seed of every run")
     parser.add_argument("--accelerator", type=str, default="cpu")
     parser.add_argument("--out", type=str, default="lightning_logs/token_scaling", help="folder of token_scaling.csv")
+    parser.add_argument("--progress", type=bool, default=True, help="show a progress bar over the runs")
     return parser
 
 
@@ -135,12 +138,14 @@ def main(argv: list[str]) -> list[dict]:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     rows = []
-    for n in args.counts:
-        for arch in args.architectures:
+    runs = [(n, arch) for n in args.counts for arch in args.architectures]
+    with progress.switched(args.progress), progress.task("cvfp token-scaling", total=len(runs), unit="runs") as bar:
+        for n, arch in runs:
             rows.append(run_one(n, arch, args))
             r = rows[-1]
             print(f"{n:4d} tokens  {arch:10s}  converged {100 * r['convergence_rate']:5.1f}%  "
                   f"mean iterations {r['mean_iterations']:5.2f}  ({r['seconds']:.1f} s)", flush=True)
+            bar.advance(1)
     path = atomic_write_csv(rows, COLUMNS, Path(args.out) / "token_scaling.csv")
     print()
     print(table(rows))

@@ -8,9 +8,12 @@ context block and trains a token block and a head
     t_0 = e_i,   t_l = LN(t_{l-1} + ReLU(W_l [c_il; t_{l-1}] + b_l)),   logits_i = head(t_L)
 
 with ``c_il`` the output of context layer l after reading token i, and cross-entropy
-against id i+1. Since the context block is frozen, every position's contexts are fixed:
-they come from the context cache (:mod:`cvfp_lightning.context_cache`: "cache hit") or one
-sequential pass, and training draws shuffled batches of positions (``data_layout =
+against id i+1. Since the context block is frozen, every position's contexts are fixed: the
+final context of every position comes from the context cache
+(:mod:`cvfp_lightning.context_cache`: "cache hit", memory-mapped) or one sequential pass,
+the per-layer outputs of a batch are recomputed from the final context of the position
+before (``c_il`` depends only on ``c_{i-1}`` and ``e_i``: one forward of the frozen block
+per position and epoch), and training draws shuffled batches of positions (``data_layout =
 "positions"``, batch size ``data.chunk_size``).
 
 Metrics, optimiser and best-weight handling: :class:`~cvfp_lightning.modules.lm_base.NextTokenModule`.
@@ -37,10 +40,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from cvfp_lightning.context_cache import (
-    CACHE_FILENAME,
+    CACHE_DIRNAME,
     CACHE_MODES,
     ContextSource,
-    resolve_context_cache,
+    resolve_contexts,
     state_digest,
     weights_digest,
 )
@@ -55,9 +58,6 @@ from cvfp_lightning.models.lm import CVFPLanguageModel
 from cvfp_lightning.modules.lm_base import NextTokenModule
 
 STATE_KEY = "cvfp_phase2"
-SPLIT_OF = {"train": "train", "val": "val", "test": "val"}  # the data module tests on the validation split
-
-
 def resolve_checkpoint_path(path: str | None) -> Path:
     """``path``, or the newest file matching it when it is a glob pattern."""
     check(bool(path), "model.phase1_checkpoint is not set: give the Phase 1 checkpoint, e.g. "
@@ -142,7 +142,7 @@ class Phase2LM(NextTokenModule):
         lr: Adam learning rate.
         grad_clip: max gradient norm (0 disables).
         cache: ``auto`` | ``require`` | ``off`` (see :mod:`cvfp_lightning.context_cache`).
-        cache_path: cache file; default ``context_cache.pt`` next to ``phase1_checkpoint``.
+        cache_path: cache folder; default ``context_cache/`` next to ``phase1_checkpoint``.
         seq_batch_size: sequences per batch of the sequential pass.
         prompts: generation prompts (``cvfp predict``).
         prompt_file: a UTF-8 file with one prompt per non-empty line.
@@ -186,14 +186,14 @@ class Phase2LM(NextTokenModule):
         self.phase1_digest = weights_digest(*self.lm.context_modules())
         self.save_hyperparameters({"vocab_size": int(p1["vocab_size"]), "weight_tying": weight_tying,
                                    "freeze_embedding": freeze_embedding, "lr": lr, "grad_clip": grad_clip})
-        self._contexts: dict[str, list[Tensor]] = {}
-        self._embed_table: Tensor | None = None
+        self._contexts = None  # context_cache.Contexts: final contexts by position
+        self._test_split = "test"
         self._contexts_for: tuple | None = None
         self.context_status = ""
         self.context_seconds = 0.0
 
-    def _cache_file(self) -> Path:
-        return Path(self.cache_path) if self.cache_path else self.phase1_path.parent / CACHE_FILENAME
+    def _cache_folder(self) -> Path:
+        return Path(self.cache_path) if self.cache_path else self.phase1_path.parent / CACHE_DIRNAME
 
     # ---- contexts ----------------------------------------------------------------------------
     def _ensure_contexts(self) -> None:
@@ -204,23 +204,18 @@ class Phase2LM(NextTokenModule):
             if getattr(dm, "train_sequences", None) is None:
                 raise CVFPUserError("Phase2LM needs a TokenDataModule (data: class_path: "
                                     "cvfp_lightning.data.TextDataModule or similar) that provides train/val sequences.")
-        key = (id(dm.train_sequences), id(dm.val_sequences))
+        key = tuple(id(getattr(dm, f"{s}_sequences", None)) for s in ("train", "val", "test"))
         if self._contexts_for == key:
             return
         source = ContextSource(*self.lm.context_modules(), dm, self.phase1_hparams)
         start = time.perf_counter()
-        cache, message = resolve_context_cache(
-            self._cache_file(), self.cache_mode, source.components, self.lm.updater.layer_dims, source.num_tokens,
-            lambda: source.compute(self.trainer, self.seq_batch_size),
-            write=self.trainer.is_global_zero and self.trainer.state.fn == "fit")  # evaluation writes no cache
-        if self.trainer.world_size > 1:
-            self.trainer.strategy.barrier("Phase2LM contexts")
-        self._contexts = cache.layers
-        self._embed_table = cache.embeddings
+        self._contexts, message = resolve_contexts(self._cache_folder(), self.cache_mode, source, self.trainer,
+                                                   self.seq_batch_size, write=self.trainer.state.fn == "fit")
+        self._test_split = "test" if getattr(dm, "test_sequences", None) is not None else "val"
         self._contexts_for = key
         self.context_status, self.context_seconds = message, time.perf_counter() - start
         rank_zero_info(f"Phase2LM: {message} (contexts ready in {self.context_seconds:.1f}s)")
-        for logger in self.loggers:  # fingerprint + read (cache hit) or + sequential pass (rebuild)
+        for logger in self.loggers:  # fingerprint + open (cache hit) or + sequential pass (rebuild)
             logger.log_metrics({"time/contexts_s": self.context_seconds}, step=self.global_step)
 
     def on_fit_start(self) -> None:
@@ -238,16 +233,17 @@ class Phase2LM(NextTokenModule):
         return self.lm.step(context, ids)
 
     def logits_targets(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
-        layers = self._contexts.get(SPLIT_OF[split])
-        if layers is None:
+        """The frozen block's per-layer outputs at each position, recomputed from the cached final
+        context of the position before (``c_{i-1}``, 0 where a sequence starts): ``[(n, d_l)]``."""
+        if self._contexts is None:
             raise RuntimeError("Phase2LM: contexts were not prepared (on_fit_start / on_validation_start).")
-        pos = batch["positions"].cpu()
-        context_layers = [layer[pos].to(self.device, non_blocking=True) for layer in layers]  # [(n, d_l)]
-        if self.lm.context_embedding is None and self._embed_table is not None:  # frozen: the cached embeddings
-            embeds = self._embed_table[batch["ids"].cpu()].to(self.device, non_blocking=True)  # (n, E)
-        else:
-            embeds = self.lm.embedding(batch["ids"])  # (n, E)
-        return self.lm.logits(context_layers, embeds), batch["targets"]  # (n, V), (n,)
+        pos, ids = batch["positions"], batch["ids"]
+        previous = self._contexts.gather(self._test_split if split == "test" else split, (pos - 1).clamp_min(0))
+        previous = torch.where(batch["is_start"].cpu().unsqueeze(-1), 0.0, previous).to(self.device)  # (n, D)
+        with torch.no_grad():
+            _, context_layers = self.lm.updater.update_context_one_step(previous, self.lm.context_embed(ids),
+                                                                        return_all_layers=True)
+        return self.lm.logits(context_layers, self.lm.embedding(ids)), batch["targets"]  # (n, V), (n,)
 
     def num_trainable_parameters(self) -> int:
         return self.lm.num_trainable_parameters()

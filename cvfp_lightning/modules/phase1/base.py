@@ -17,7 +17,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from cvfp_lightning.errors import CVFPUserError, check, check_positive
-from cvfp_lightning.metrics import ConvergenceRate, EffectiveRank
+from cvfp_lightning.metrics import ConvergenceRate, ResidualHistogram
 from cvfp_lightning.models.context import ContextConfig, build_context_updater
 from cvfp_lightning.models.embedding import EmbeddingConfig, build_embedding
 from cvfp_lightning.models.legacy import upgrade_checkpoint
@@ -38,10 +38,10 @@ class Phase1Base(L.LightningModule):
         grad_clip: max gradient norm per optimizer step (0 disables).
         effective_rank_rows: rows sampled for the effective rank.
         algorithm: the subclass's own (checked) options, saved as hyperparameters too.
-        sync_effective_rank: whether the effective-rank metrics gather rows over DDP ranks.
 
-    Subclasses keep their carried tensors in ``self._state`` (saved in every checkpoint
-    under ``cvfp_phase1_state``, so ``--ckpt_path`` resumes exactly) and set
+    Subclasses make their effective-rank metrics ``train_erank`` / ``val_erank``, keep their
+    carried state in ``self._state`` (saved in every checkpoint under
+    ``cvfp_phase1_state``, so ``--ckpt_path`` resumes exactly) and set
     ``self._mid_iteration`` while an iteration's gradient is still being accumulated.
     """
 
@@ -50,7 +50,7 @@ class Phase1Base(L.LightningModule):
 
     def __init__(self, vocab_size: int, context: ContextConfig | dict | None, embedding: EmbeddingConfig | dict | None,
                  convergence_threshold: float, lr: float, grad_clip: float, effective_rank_rows: int,
-                 algorithm: dict, sync_effective_rank: bool):
+                 algorithm: dict):
         super().__init__()
         context, embedding = ContextConfig.coerce(context), EmbeddingConfig.coerce(embedding)
         check(isinstance(vocab_size, int) and vocab_size > 0,
@@ -70,9 +70,9 @@ class Phase1Base(L.LightningModule):
                                    "effective_rank_rows": effective_rank_rows})
         thr = convergence_threshold
         self.train_rate, self.val_rate = ConvergenceRate(thr), ConvergenceRate(thr)
+        # the residual distribution of the epoch (ResidualMonitor draws it): O(bins), reset every epoch
+        self.train_residuals, self.val_residuals = ResidualHistogram(thr), ResidualHistogram(thr)
         self.train_cvfp, self.val_cvfp = MeanMetric(), MeanMetric()
-        self.train_erank = EffectiveRank(effective_rank_rows, percent=True, sync_on_compute=sync_effective_rank)
-        self.val_erank = EffectiveRank(effective_rank_rows, percent=True, sync_on_compute=sync_effective_rank)
         self._state: dict = {key: None for key in self.STATE_FIELDS}
         self._iter_start = 0.0
         self._mid_iteration = False
@@ -123,10 +123,19 @@ class Phase1Base(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._iter_start = time.perf_counter()
+        self.train_residuals.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_residuals.reset()
 
     # ---- checkpoint state ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in self._state.items()}
+        def cpu(v):
+            if isinstance(v, dict):
+                return {k: cpu(x) for k, x in v.items()}
+            return v.detach().cpu() if isinstance(v, Tensor) else v
+
+        state = cpu(self._state)
         state["mid_iteration"] = bool(self._mid_iteration)
         checkpoint[STATE_KEY] = state
 

@@ -19,6 +19,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from cvfp_lightning.errors import check, check_positive
+from cvfp_lightning.metrics import EffectiveRank
 from cvfp_lightning.models.context import ContextConfig
 from cvfp_lightning.models.embedding import EmbeddingConfig
 from cvfp_lightning.modules.phase1.base import Phase1Base
@@ -50,8 +51,10 @@ class Phase1Tokenwise(Phase1Base):
         if solver != "iteration":  # the default stays out of the hyperparameters: earlier checkpoints resume
             algorithm["solver"] = solver
         super().__init__(vocab_size, context, embedding, convergence_threshold, lr, grad_clip, effective_rank_rows,
-                         algorithm, sync_effective_rank=True)
+                         algorithm)
         self.solver = solver
+        self.train_erank = EffectiveRank(effective_rank_rows, percent=True)  # rows gathered over ranks
+        self.val_erank = EffectiveRank(effective_rank_rows, percent=True)
         self.train_iters, self.val_iters, self.val_iters_plain = MeanMetric(), MeanMetric(), MeanMetric()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -83,6 +86,7 @@ class Phase1Tokenwise(Phase1Base):
                 remaining = self.trainer.strategy.reduce(remaining, reduce_op="sum")
             if remaining.item() == 0:
                 break
+        self.train_residuals.update(last_res)  # every step, empty too: the same update count on every rank
         if n:
             self.train_rate.update(torch.where(converged, 0.0, float("inf")))
             self.train_iters.update(iters)
@@ -112,6 +116,7 @@ class Phase1Tokenwise(Phase1Base):
         start = torch.zeros(ids.shape[0], self.context_dim, device=self.device)
         fixed, stats = solve(self.solver, f, start, hp.max_inner_iterations, hp.convergence_threshold,
                              hp.warmup_iterations)
+        self.val_residuals.update(stats.residual)
         if ids.numel():
             self.val_rate.update(torch.where(stats.converged, 0.0, float("inf")))
             self.val_iters.update(stats.nstep.float())

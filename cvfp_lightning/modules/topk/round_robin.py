@@ -2,12 +2,14 @@
 
 ``initial_loss`` is every token's loss under the shared initial model (before any step);
 ``final_loss`` is under the shared model after each epoch, so the table of the last epoch
-is the final one.
+is the final one. Both loops over the K tokens show their progress
+(:func:`cvfp_lightning.progress.track`).
 """
 
 from __future__ import annotations
 
 from cvfp_lightning.modules.topk.base import TopKBase
+from cvfp_lightning.progress import track
 
 
 class TopKRoundRobin(TopKBase):
@@ -17,10 +19,11 @@ class TopKRoundRobin(TopKBase):
 
     def on_train_start(self) -> None:
         if self.start_records():
-            for k in range(self.topk_data.num_tokens):
+            for k in track(range(self.topk_data.num_tokens), description="top-k: initial losses", unit="tokens"):
                 self.record_initial(k)
 
     def on_train_epoch_end(self) -> None:
-        for k in range(self.topk_data.num_tokens):
+        for k in track(range(self.topk_data.num_tokens), description=f"top-k: losses after epoch {self.current_epoch}",
+                       unit="tokens"):
             self.record_final(k)
         self.log_summary()
