@@ -84,7 +84,7 @@ def test_two_learning_rates_and_no_context_cache(tmp_path, corpus, monkeypatch, 
     def no_cache(*args, **kwargs):
         raise AssertionError("the end-to-end module read or built a context cache")
 
-    monkeypatch.setattr(phase2, "resolve_context_cache", no_cache)
+    monkeypatch.setattr(phase2, "resolve_contexts", no_cache)
     model = Phase2EndToEnd(vocab_size=V, phase1_checkpoint=str(phase1_checkpoint(tmp_path / "p1" / "last.ckpt", V)),
                            lr=2e-3, context_lr=5e-5)
     caplog.set_level("INFO")
