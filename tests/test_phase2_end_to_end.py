@@ -23,20 +23,26 @@ def block_state(module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in module.lm.updater.state_dict().items()}
 
 
-@pytest.mark.parametrize("cls", [Phase2EndToEnd, Phase2LM])
-def test_only_the_end_to_end_module_trains_the_context_block(tmp_path, corpus, cls):
+@pytest.mark.parametrize("cls, extra", [(Phase2EndToEnd, {}), (Phase2EndToEnd, {"context_lr": 0.0}),
+                                        (Phase2LM, {"cache": "off"})])
+def test_only_the_end_to_end_module_trains_the_context_block(tmp_path, corpus, cls, extra):
     torch.manual_seed(0)
     ckpt = phase1_checkpoint(tmp_path / "p1" / "last.ckpt", V)
-    extra = {} if cls is Phase2EndToEnd else {"cache": "off"}
     model = cls(vocab_size=V, phase1_checkpoint=str(ckpt), lr=1e-2, **extra)
     before, embedding = block_state(model), model.lm.embedding.weight.clone()
-    trainer(max_steps=3, limit_val_batches=0).fit(model, datamodule=text_data(corpus, batch_size=4, seq_len=8))
+    head = model.lm.head.weight.clone()
+    fit = trainer(max_steps=3, limit_val_batches=0)
+    fit.fit(model, datamodule=text_data(corpus, batch_size=4, seq_len=8))
     changed = [k for k, v in model.lm.updater.state_dict().items() if not torch.equal(v, before[k])]
-    if cls is Phase2EndToEnd:
+    if cls is Phase2EndToEnd and not extra:
         assert changed and all(p.requires_grad for p in model.lm.updater.parameters())
+        assert len(fit.optimizers[0].param_groups) == 2
     else:
-        assert changed == []  # frozen in Phase2LM
-    assert torch.equal(model.lm.embedding.weight, embedding)  # freeze_embedding: true in both
+        assert changed == []  # frozen in Phase2LM, and with context_lr: 0
+        assert not any(p.requires_grad for p in model.lm.updater.parameters())
+        assert len(fit.optimizers[0].param_groups) == 1
+    assert not torch.equal(model.lm.head.weight, head)  # the head trains in every case
+    assert torch.equal(model.lm.embedding.weight, embedding)  # freeze_embedding: true in all
 
 
 def windows(ids: torch.Tensor, k: int, continues: list[bool]) -> dict[str, torch.Tensor]:

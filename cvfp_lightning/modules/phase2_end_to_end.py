@@ -68,7 +68,8 @@ class Phase2EndToEnd(Phase2LM):
             as :class:`~cvfp_lightning.modules.phase2.Phase2LM` (``seq_batch_size``: sequences per
             batch of the post-fit sequential pass).
         lr: Adam learning rate of the token block, the head (and the embedding when it trains).
-        context_lr: Adam learning rate of the context block (the seed README: "small").
+        context_lr: Adam learning rate of the context block (the seed README: "small"); 0 keeps the
+            block frozen (the same training by windows, for a like-for-like comparison with it frozen).
         grad_clip: max gradient norm over all parameters (0 disables).
         dropout: training-time dropout (``nn.Dropout``) on the token embeddings the context block
             and the token block read, on the contexts the token block reads and on its output
@@ -84,13 +85,13 @@ class Phase2EndToEnd(Phase2LM):
                  prompts: list[str] | str | None = None, prompt_file: str | None = None, max_new_tokens: int = 50,
                  temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
                  top_p: float | None = None, seed: int | None = None):
-        check_positive("model.context_lr", context_lr)
+        check_positive("model.context_lr", context_lr, allow_zero=True)
         check(0.0 <= dropout < 1.0, f"model.dropout={dropout!r} is invalid: expected a value in [0, 1).")
         super().__init__(vocab_size, phase1_checkpoint, phase1, weight_tying, freeze_embedding, lr, grad_clip,
                          cache="off", seq_batch_size=seq_batch_size, prompts=prompts, prompt_file=prompt_file,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
                          top_p=top_p, seed=seed)
-        self.lm.updater.requires_grad_(True)
+        self.lm.updater.requires_grad_(context_lr > 0)
         self.save_hyperparameters({**self.hparams, "context_lr": context_lr, "dropout": dropout})
         self.drop = torch.nn.Dropout(dropout)
         p1 = self.phase1_hparams
@@ -163,8 +164,10 @@ class Phase2EndToEnd(Phase2LM):
         context = [p for p in self.lm.updater.parameters() if p.requires_grad]
         ids = {id(p) for p in context}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
-        return adam([{"params": rest, "lr": self.hparams.lr},
-                     {"params": context, "lr": self.hparams.context_lr}], lr=self.hparams.lr, trainer=self._trainer)
+        groups = [{"params": rest, "lr": self.hparams.lr}]
+        if context:
+            groups.append({"params": context, "lr": self.hparams.context_lr})
+        return adam(groups, lr=self.hparams.lr, trainer=self._trainer)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def phase1_record(self) -> dict:
