@@ -5,11 +5,14 @@ test split by ``cvfp evaluate`` (whole sequences, every token after the first of
 sequence, bits per UTF-8 byte of the test text):
 
     demo            configs/phase1.yaml + configs/phase2.yaml: bundled tokenizer, 128 x 3, frozen block
-    recipe          configs/text_phase1.yaml + configs/text_phase2.yaml: fitted tokenizer, end-to-end Phase 2
-    recipe, frozen  configs/phase2.yaml's Phase2LM on the recipe's Phase 1 (same fitted tokenizer)
+    recipe          configs/text_phase1.yaml + configs/text_phase2.yaml: fitted tokenizer, 256 x 2,
+                    frozen block, trained embedding, untied head (CVFP frozen)
+    recipe_e2e      configs/text_phase2_e2e.yaml on the recipe's Phase 1: the context block trained
+                    end to end (CVFP end-to-end; wall time is its Phase 2 alone)
     gru, lstm, transformer
-                    BaselineLM, match_params = the recipe's trainable parameters, the recipe's fitted
-                    tokenizer and data, windows and dropout as the recipe's Phase 2 (see BASELINE)
+                    BaselineLM (configs/baseline_gru.yaml, baseline_transformer.yaml: whole sequences
+                    as windows), match_params = the recipe's trainable parameters, the recipe's fitted
+                    tokenizer, data and learning rate
 
 Corpora (split files written to ``--work_dir``):
 
@@ -45,7 +48,7 @@ CONFIGS = ROOT / "configs"
 LICENSES = Path("/usr/share/common-licenses")
 LICENSE_SPLITS = {"train": ["GPL-1", "GPL-2", "GPL-3", "LGPL-2.1", "GFDL-1.3", "MPL-1.1", "Artistic", "BSD"],
                   "val": ["Apache-2.0", "LGPL-3"], "test": ["MPL-2.0", "CC0-1.0"]}
-ROWS = ("demo", "recipe", "recipe_frozen", "gru", "lstm", "transformer")
+ROWS = ("demo", "recipe", "recipe_e2e", "gru", "lstm", "transformer")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
@@ -108,7 +111,7 @@ def test_metrics(checkpoint: str, test_file: Path) -> dict:
     return evaluate(load_model(checkpoint), [test_file], trainer)
 
 
-BASELINE = {  # every baseline row: windows of the recipe's Phase 2 and its dropout, one layer (two for the transformer)
+BASELINE = {  # every baseline row: its config's windows (whole sequences), one layer (two for the transformer)
     "gru": ("baseline_gru.yaml", ["--model.init_args.arch", "gru"]),
     "lstm": ("baseline_gru.yaml", ["--model.init_args.arch", "lstm"]),
     "transformer": ("baseline_transformer.yaml", []),
@@ -116,15 +119,13 @@ BASELINE = {  # every baseline row: windows of the recipe's Phase 2 and its drop
 
 
 def recipe_settings() -> dict:
-    """The recipe's tokenizer, windows and dropout, read from its configs (so the baselines follow them)."""
+    """The recipe's tokenizer and learning rate, read from its configs (so the baselines follow them)."""
     import yaml
 
     p1 = yaml.safe_load((CONFIGS / "text_phase1.yaml").read_text())
     p2 = yaml.safe_load((CONFIGS / "text_phase2.yaml").read_text())
     tok = p1["data"]["init_args"]["tokenizer"]
-    return {"tokenizer": json.dumps(tok), "seq_len": p2["data"]["init_args"]["seq_len"],
-            "batch_size": p2["data"]["init_args"]["batch_size"], "dropout": p2["model"]["init_args"].get("dropout", 0.0),
-            "lr": p2["model"]["init_args"]["lr"]}
+    return {"tokenizer": json.dumps(tok), "lr": p2["model"]["init_args"]["lr"]}
 
 
 def run_row(row: str, corpus: str, files: dict[str, Path], work: Path, done: dict) -> dict:
@@ -141,33 +142,35 @@ def run_row(row: str, corpus: str, files: dict[str, Path], work: Path, done: dic
                      data_args(files) + ["--model.init_args.phase1_checkpoint", p1["best"]], logs)
         return {"phase1": p1, "phase2": p2}
     recipe = done.get("recipe") or run_row("recipe", corpus, files, work, done)
-    if row == "recipe_frozen":
-        p2 = fit_run("recipe_frozen_phase2", CONFIGS / "phase2.yaml",
-                     data_args(files, settings["tokenizer"])
-                     + ["--model.init_args.phase1_checkpoint", recipe["phase1"]["best"]], logs)
+    if row == "recipe_e2e":
+        p2 = fit_run("recipe_e2e_phase2", CONFIGS / "text_phase2_e2e.yaml",
+                     data_args(files) + ["--model.init_args.phase1_checkpoint", recipe["phase1"]["best"]], logs)
         return {"phase1": recipe["phase1"], "phase2": p2, "phase1_shared_with": "recipe"}
     config, extra = BASELINE[row]
     params = int(recipe["phase2"]["summary"]["trainable_params"])
     lm = fit_run(row, CONFIGS / config,
                  data_args(files, settings["tokenizer"]) + extra
-                 + ["--model.init_args.match_params", str(params), "--data.init_args.seq_len", str(settings["seq_len"]),
-                    "--data.init_args.batch_size", str(settings["batch_size"]),
-                    "--model.init_args.dropout", str(settings["dropout"]), "--model.init_args.lr", str(settings["lr"])],
+                 + ["--model.init_args.match_params", str(params), "--model.init_args.lr", str(settings["lr"])],
                  logs)
     return {"phase2": lm, "match_params": params}
 
 
 def table(corpus: str, rows: dict) -> list[str]:
     lines = [f"### {corpus}", "", "| model | tokenizer (ids) | trainable params | test bpb | test ppl | test acc | "
-             "best epoch | wall (fit) |", "|---|---|---|---|---|---|---|---|"]
+             "best epoch | Phase 1 convergence | wall (fit) |", "|---|---|---|---|---|---|---|---|---|"]
     for name in ROWS:
         record = rows.get(name)
         if not record:
             continue
         s, t = record["phase2"]["summary"], record["test"]
         wall = record["phase2"]["seconds"] + (record["phase1"]["seconds"] if name in ("demo", "recipe") else 0)
+        conv = "-"
+        if "phase1/convergence_rate" in s:  # end-to-end: after fine-tuning (before it)
+            conv = f"{s['phase1/convergence_rate']:.3f} ({s.get('phase1/convergence_rate_phase1', float('nan')):.3f})"
+        elif "phase1" in record and record["phase1"]["phase1"].get("train/convergence_rate") is not None:
+            conv = f"{record['phase1']['phase1']['train/convergence_rate']:.3f}"
         lines.append(f"| {name} | {t['vocab_size']} | {s['trainable_params']:,} | {t['bpb']:.4f} | {t['ppl']:.2f} | "
-                     f"{t['acc']:.4f} | {s.get('best_epoch')} of {s.get('epochs_run')} | {wall:.0f} s |")
+                     f"{t['acc']:.4f} | {s.get('best_epoch')} of {s.get('epochs_run')} | {conv} | {wall:.0f} s |")
     return lines
 
 

@@ -1,6 +1,7 @@
 """End-to-end Phase 2: the context block trains by truncated BPTT (carried, detached contexts),
 two learning rates, no context cache, Phase 1 measures after fit, and the recipe configs
-(fitted tokenizer -> Phase 1 -> end-to-end Phase 2 -> export -> evaluate) through the real CLI."""
+(fitted tokenizer -> Phase 1 -> Phase 2 frozen / end-to-end -> export -> evaluate -> generate)
+through the real CLI."""
 
 from __future__ import annotations
 
@@ -112,9 +113,10 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 
 @pytest.mark.slow
-def test_the_recipe_configs_run_export_and_evaluate(tmp_path, corpus, capsys):
-    """text_phase1.yaml -> text_phase2.yaml on a text file: one fitted tokenizer, the fine-tuned block exported,
-    and ``cvfp evaluate`` of the validation text equals the fit's val metrics."""
+def test_the_recipe_configs_run_export_evaluate_and_generate(tmp_path, corpus, capsys):
+    """text_phase1.yaml -> text_phase2.yaml (frozen) and text_phase2_e2e.yaml on a text file: one fitted
+    tokenizer for all three; the fine-tuned block exported; ``cvfp evaluate`` of the validation text equals
+    the fit's val metrics; ``cvfp generate`` of the export equals the checkpoint's."""
     from cvfp_lightning.data import TextDataModule
     from cvfp_lightning.data.snapshot import find_data_snapshot
     from cvfp_lightning.hub import CVFPModel
@@ -131,17 +133,24 @@ def test_the_recipe_configs_run_export_and_evaluate(tmp_path, corpus, capsys):
     run_cli(["fit", "--config", str(CONFIGS / "text_phase1.yaml"), *data, *QUIET, *small, "--trainer.max_epochs", "2",
              "--trainer.logger.init_args.save_dir", str(logs)])
     p1 = next((logs / "text_phase1").rglob("last.ckpt"))
-    run_cli(["fit", "--config", str(CONFIGS / "text_phase2.yaml"), *data, *QUIET, "--trainer.max_epochs", "2",
+    p1_tok = find_data_snapshot(torch.load(p1, weights_only=True))["tokenizer"]["fingerprint"]
+    run_cli(["fit", "--config", str(CONFIGS / "text_phase2.yaml"), *data, *QUIET, "--trainer.max_epochs", "1",
+             "--model.init_args.phase1_checkpoint", str(p1), "--trainer.logger.init_args.save_dir", str(logs)])
+    frozen = next((logs / "text_phase2").glob("version_*"))
+    assert json.loads((frozen / "summary.json").read_text())["model"] == "Phase2LM"
+    frozen_ckpt = torch.load(frozen / "checkpoints" / "best.ckpt", weights_only=True)
+    assert find_data_snapshot(frozen_ckpt)["tokenizer"]["fingerprint"] == p1_tok
+    run_cli(["fit", "--config", str(CONFIGS / "text_phase2_e2e.yaml"), *data, *QUIET, "--trainer.max_epochs", "2",
              "--data.init_args.seq_len", "16", "--model.init_args.phase1_checkpoint", str(p1),
              "--trainer.logger.init_args.save_dir", str(logs)])
-    run = next((logs / "text_phase2").glob("version_*"))
+    run = next((logs / "text_phase2_e2e").glob("version_*"))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["model"] == "Phase2EndToEnd" and "context cache is not used" in summary["contexts"]
     assert 0 <= summary["phase1/convergence_rate"] <= 1 and summary["phase1/effective_rank_pct"] > 0
+    assert 0 <= summary["phase1/convergence_rate_phase1"] <= 1
     best = run / "checkpoints" / "best.ckpt"
-    p1_tok = find_data_snapshot(torch.load(p1, weights_only=True))["tokenizer"]["fingerprint"]
     p2_ckpt = torch.load(best, weights_only=True)
-    assert find_data_snapshot(p2_ckpt)["tokenizer"]["fingerprint"] == p1_tok  # one fitted tokenizer for both
+    assert find_data_snapshot(p2_ckpt)["tokenizer"]["fingerprint"] == p1_tok  # one fitted tokenizer for all
     assert len(find_data_snapshot(p2_ckpt)["tokenizer"]["files"]["tokenizer.json"]) > 0
 
     out = tmp_path / "export"
@@ -164,3 +173,11 @@ def test_the_recipe_configs_run_export_and_evaluate(tmp_path, corpus, capsys):
                         val_subset_of_train=True)  # every sample of the file in the training split
     dm.setup()
     assert result["tokens"] == dm.train_sequences.num_tokens - dm.train_sequences.num_sequences
+
+    generated = {}
+    for source in (out, best):
+        target = tmp_path / f"gen_{source.name}.jsonl"
+        run_cli(["generate", str(source), "--prompt", "The value", "--max_new_tokens", "5", "--greedy", "true",
+                 "--out", str(target)])
+        generated[source] = [json.loads(line) for line in target.read_text().splitlines()]
+    assert generated[out] == generated[best] and generated[out][0]["new_tokens"] == 5
