@@ -126,7 +126,8 @@ def recipe_settings() -> dict:
     return {"tokenizer": json.dumps(p1["data"]["init_args"]["tokenizer"])}
 
 
-def run_row(row: str, corpus: str, files: dict[str, Path], work: Path, done: dict, baseline_lr: float) -> dict:
+def run_row(row: str, corpus: str, files: dict[str, Path], work: Path, done: dict, baseline_lr: float,
+            baseline_minutes: int | None = None) -> dict:
     logs = work / corpus / "logs"
     if row == "demo":
         p1 = fit_run("demo_phase1", CONFIGS / "phase1.yaml", data_args(files), logs)
@@ -148,9 +149,10 @@ def run_row(row: str, corpus: str, files: dict[str, Path], work: Path, done: dic
     params = int(recipe["phase2"]["summary"]["trainable_params"])
     lm = fit_run(row, CONFIGS / config,
                  data_args(files, settings["tokenizer"]) + extra
-                 + ["--model.init_args.match_params", str(params), "--model.init_args.lr", str(baseline_lr)],
+                 + ["--model.init_args.match_params", str(params), "--model.init_args.lr", str(baseline_lr)]
+                 + (["--trainer.max_time", f"00:00:{int(baseline_minutes):02d}:00"] if baseline_minutes else []),
                  logs)
-    return {"phase2": lm, "match_params": params}
+    return {"phase2": lm, "match_params": params, "time_cap_minutes": baseline_minutes}
 
 
 def table(corpus: str, rows: dict) -> list[str]:
@@ -163,12 +165,13 @@ def table(corpus: str, rows: dict) -> list[str]:
         s, t = record["phase2"]["summary"], record["test"]
         wall = record["phase2"]["seconds"] + (record["phase1"]["seconds"] if name in ("demo", "recipe") else 0)
         conv = "-"
+        cap = f" (stopped at {record['time_cap_minutes']} min)" if record.get("time_cap_minutes") else ""
         if "phase1/convergence_rate" in s:  # end-to-end: after fine-tuning (before it)
             conv = f"{s['phase1/convergence_rate']:.3f} ({s.get('phase1/convergence_rate_phase1', float('nan')):.3f})"
         elif "phase1" in record and record["phase1"]["phase1"].get("train/convergence_rate") is not None:
             conv = f"{record['phase1']['phase1']['train/convergence_rate']:.3f}"
         lines.append(f"| {name} | {t['vocab_size']} | {s['trainable_params']:,} | {t['bpb']:.4f} | {t['ppl']:.2f} | "
-                     f"{t['acc']:.4f} | {s.get('best_epoch')} of {s.get('epochs_run')} | {conv} | {wall:.0f} s |")
+                     f"{t['acc']:.4f} | {s.get('best_epoch')} of {s.get('epochs_run')}{cap} | {conv} | {wall:.0f} s |")
     return lines
 
 
@@ -177,6 +180,8 @@ def main() -> None:
     parser.add_argument("--corpora", nargs="+", default=["licenses", "bundled"], choices=["licenses", "bundled"])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     parser.add_argument("--baseline_lr", type=float, default=0.002, help="Adam learning rate of the baselines")
+    parser.add_argument("--baseline_minutes", type=int, default=None,
+                        help="stop each baseline's fit after this many minutes (trainer.max_time; default: no cap)")
     parser.add_argument("--work_dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "cvfp_quality")
     args = parser.parse_args()
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -199,7 +204,7 @@ def main() -> None:
             if record_file.is_file():
                 done[row] = json.loads(record_file.read_text())
             elif row in args.rows:
-                record = run_row(row, corpus, files, args.work_dir, done, args.baseline_lr)
+                record = run_row(row, corpus, files, args.work_dir, done, args.baseline_lr, args.baseline_minutes)
                 record["test"] = test_metrics(record["phase2"]["best"], files["test"])
                 from cvfp_lightning.export import load_model
 
