@@ -29,7 +29,7 @@ Wall time is each ``cvfp fit``'s, in this process (no interpreter start-up): Pha
 for CVFP rows. Every run's record is kept in ``--work_dir/<corpus>/<row>.json``; a rerun skips
 finished rows (delete the file to redo one). Writes ``results/quality_<date>.json``.
 
-    python benchmarks/quality.py                          # both corpora (about 2 h on 2 busy cores)
+    python benchmarks/quality.py                          # both corpora, every row (over 1 h on 2 busy cores)
     python benchmarks/quality.py --corpora licenses --rows demo recipe gru
 """
 
