@@ -130,7 +130,7 @@ def test_the_recipe_configs_run_export_evaluate_and_generate(tmp_path, corpus, c
             "--data.init_args.tokenizer", "{train: {vocab_size: 512}}", "--data.init_args.max_seq_len", "96"]
     small = ["--model.init_args.context.context_dim", "16", "--model.init_args.context.num_layers", "2",
              "--model.init_args.embedding.embed_dim", "16"]
-    run_cli(["fit", "--config", str(CONFIGS / "text_phase1.yaml"), *data, *QUIET, *small, "--trainer.max_epochs", "2",
+    run_cli(["fit", "--config", str(CONFIGS / "text_phase1.yaml"), *data, *QUIET, *small, "--trainer.max_epochs", "1",
              "--trainer.logger.init_args.save_dir", str(logs)])
     p1 = next((logs / "text_phase1").rglob("last.ckpt"))
     p1_tok = find_data_snapshot(torch.load(p1, weights_only=True))["tokenizer"]["fingerprint"]
@@ -140,7 +140,7 @@ def test_the_recipe_configs_run_export_evaluate_and_generate(tmp_path, corpus, c
     assert json.loads((frozen / "summary.json").read_text())["model"] == "Phase2LM"
     frozen_ckpt = torch.load(frozen / "checkpoints" / "best.ckpt", weights_only=True)
     assert find_data_snapshot(frozen_ckpt)["tokenizer"]["fingerprint"] == p1_tok
-    run_cli(["fit", "--config", str(CONFIGS / "text_phase2_e2e.yaml"), *data, *QUIET, "--trainer.max_epochs", "2",
+    run_cli(["fit", "--config", str(CONFIGS / "text_phase2_e2e.yaml"), *data, *QUIET, "--trainer.max_epochs", "1",
              "--data.init_args.seq_len", "16", "--model.init_args.phase1_checkpoint", str(p1),
              "--trainer.logger.init_args.save_dir", str(logs)])
     run = next((logs / "text_phase2_e2e").glob("version_*"))
