@@ -64,3 +64,45 @@ def cvfp_diagnostics(updater: ContextUpdater, embedding: TokenEmbedding, ids: Te
         out["fixed_point_steps_iteration"] = fixed_point_iter(f, torch.zeros_like(c), max_iter, tol)[1].mean_steps
     out.update(attractor_stats(fixed))
     return out
+
+
+@torch.no_grad()
+def phase1_fixed_point_stats(updater: ContextUpdater, embedding: TokenEmbedding, seqs, threshold: float,
+                             noise_std: float, max_rows: int = 10_000, seed: int = 0, batch_size: int = 256,
+                             chunk: int = 8192) -> dict[str, float]:
+    """Phase 1's convergence rate and effective rank of a context block on the sequences ``seqs``.
+
+    The contexts are the block's own sequential pass ``c_i = f(c_{i-1}, e_i)`` from ``c = 0``
+    (:func:`~cvfp_lightning.sequential_pass.sequential_pass`). Phase 1's test is then one
+    parallel iteration from them, as in its training: ``out_i = f(c_{i-1} + n_i, e_i)``
+    (``c_{-1} = 0`` where a sequence starts, ``n_i ~ N(0, noise_std^2)`` drawn from ``seed``),
+    and position i has converged when ``per_dim_mse(out_i, c_i) < threshold``
+    (:class:`~cvfp_lightning.metrics.ConvergenceRate`). Without noise every position passes
+    by construction (``out = c``): the noise of the Phase 1 run is what makes it a test of
+    the fixed-point property. Effective rank: :class:`~cvfp_lightning.metrics.EffectiveRank`
+    of ``c`` (``max_rows`` sampled rows), in % of the context width.
+
+    Returns ``{"convergence_rate", "effective_rank_pct", "cvfp_loss"}`` (the mean residual).
+    Memory: the contexts, 4 D bytes per position.
+    """
+    from cvfp_lightning.metrics import ConvergenceRate, EffectiveRank
+    from cvfp_lightning.sequential_pass import sequential_pass, shifted_inputs
+    from cvfp_lightning.solvers import per_dim_mse
+
+    contexts = sequential_pass(updater, embedding, seqs, batch_size)  # (N, D)
+    rate, erank = ConvergenceRate(threshold), EffectiveRank(max_rows, seed=seed, percent=True)
+    g = torch.Generator().manual_seed(seed)
+    residual_sum = 0.0
+    for start in range(0, seqs.num_tokens, chunk):
+        batch = seqs.position_batch(torch.arange(start, min(start + chunk, seqs.num_tokens)))
+        pos = batch["positions"].to(contexts.device)
+        inp = shifted_inputs(contexts, pos, batch["is_start"].to(contexts.device))
+        if noise_std > 0:
+            inp = inp + noise_std * torch.randn(inp.shape, generator=g).to(inp)
+        out = updater.update_context_one_step(inp, embedding(batch["ids"].to(contexts.device))).float()
+        res = per_dim_mse(out, contexts[pos])
+        rate.update(res)
+        residual_sum += float(res.sum())
+    erank.update(contexts)
+    return {"convergence_rate": float(rate.compute()), "effective_rank_pct": float(erank.compute()),
+            "cvfp_loss": residual_sum / max(seqs.num_tokens, 1)}

@@ -2,10 +2,10 @@
 
     cvfp export --ckpt_path lightning_logs/phase2/version_0/checkpoints/best.ckpt --out_dir exports/phase2
 
-reads a Phase 2 (``Phase2LM``) or baseline (``BaselineLM``) checkpoint with the class that
-wrote it (``load_from_checkpoint``: every check of a resume applies, e.g. the Phase 1
-weights digest), copies its weights into the exported class (:mod:`cvfp_lightning.hub`) and
-writes ``out_dir`` with ``save_pretrained``:
+reads a Phase 2 (``Phase2LM``, or ``Phase2EndToEnd`` with its fine-tuned context block) or
+baseline (``BaselineLM``) checkpoint with the class that wrote it (``load_from_checkpoint``:
+every check of a resume applies, e.g. the Phase 1 weights digest), copies its weights into
+the exported class (:mod:`cvfp_lightning.hub`) and writes ``out_dir`` with ``save_pretrained``:
 
     model.safetensors                      weights
     config.json                            constructor arguments + the "cvfp_export" record
@@ -93,13 +93,14 @@ def model_from_checkpoint(path: str | Path, tokenizer: str | None = None):
     from ``tokenizer`` when the checkpoint has none) and ``export_info``.
     """
     from cvfp_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-    from cvfp_lightning.modules import BaselineLM, Phase2LM
+    from cvfp_lightning.modules import BaselineLM, Phase2EndToEnd, Phase2LM
 
     path = Path(path).expanduser()
     ckpt = read_checkpoint(path)
     kind = checkpoint_kind(ckpt, path)
     if kind == "cvfp":
-        module = _load_module(Phase2LM, path)
+        end_to_end = (ckpt.get("cvfp_phase2") or {}).get("module") == Phase2EndToEnd.__name__
+        module = _load_module(Phase2EndToEnd if end_to_end else Phase2LM, path)
         p1, hp = module.phase1_hparams, module.hparams
         model = CVFPModel(vocab_size=int(p1["vocab_size"]), context=dict(p1["context"]),
                           embedding=dict(p1["embedding"]), weight_tying=bool(hp["weight_tying"]),
@@ -216,6 +217,7 @@ def model_card(model, ckpt: dict, module, ckpt_path: Path) -> str:
     cls = type(model).__name__
     lines = []
     if info["model"] == "cvfp":
+        trained_block = any(p.requires_grad for p in module.lm.updater.parameters())
         p1 = module.phase1_hparams
         ctx, emb = dict(p1["context"]), dict(p1["embedding"])
         lines += ["# CVFP language model (Phase 2)", "",
@@ -226,7 +228,8 @@ def model_card(model, ckpt: dict, module, ckpt_path: Path) -> str:
                   f"{'LayerNorm (no affine) on lookup, ' if emb.get('layer_norm', True) else ''}"
                   f"{'trained in Phase 2' if model.context_embedding is not None else 'frozen (Phase 1)'}"
                   f"{', initialised from ' + str(emb['pretrained']) if emb.get('pretrained') else ''}.",
-                  f"- Context block (Phase 1, frozen): `{ctx.get('updater')}` updater, {ctx.get('num_layers')} layers, "
+                  f"- Context block (Phase 1, {'fine-tuned end to end in Phase 2' if trained_block else 'frozen'}): "
+                  f"`{ctx.get('updater')}` updater, {ctx.get('num_layers')} layers, "
                   f"context {ctx.get('context_dim')} dims, layer widths {model.updater.layer_dims}"
                   + (f", stacking {ctx.get('stacking')}" if ctx.get("updater") == "gated" else "")
                   + (f", token input in all layers: {ctx.get('token_input_all_layers')}"
@@ -265,6 +268,11 @@ def model_card(model, ckpt: dict, module, ckpt_path: Path) -> str:
         else:
             lines.append(f"- Checkpoint `{module.phase1_record()['checkpoint']}` (its run folder was not found: "
                          "convergence and effective rank unknown).")
+        tuned = {k: v for k, v in summary.items() if k.startswith("phase1/")}
+        if trained_block and tuned:
+            lines.append("- After end-to-end fine-tuning, on the validation split (Phase 1's definitions; "
+                         "`_phase1`: the block before fine-tuning):")
+            lines += [f"  - `{k}`: {_fmt(v)}" for k, v in sorted(tuned.items())]
     lines += ["", "## Results", ""]
     rows = []
     for split in ("val", "test"):

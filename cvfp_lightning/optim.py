@@ -20,12 +20,16 @@ from cvfp_lightning.errors import check
 FUSED_DEVICES = ("cpu", "cuda")
 
 
-def adam(params: Iterable[torch.nn.Parameter], lr: float, trainer=None) -> torch.optim.Adam:
-    """``torch.optim.Adam(params, lr)``, fused when every parameter and ``trainer``'s precision allow it."""
+def adam(params: Iterable[torch.nn.Parameter] | Iterable[dict], lr: float, trainer=None) -> torch.optim.Adam:
+    """``torch.optim.Adam(params, lr)``, fused when every parameter and ``trainer``'s precision allow it.
+
+    ``params``: parameters, or parameter groups (dicts with ``params`` and their own ``lr``).
+    """
     params = list(params)
+    flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
     mixed = trainer is not None and "mixed" in str(getattr(trainer, "precision", ""))
-    fused = not mixed and bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point()
-                                               for p in params)
+    fused = not mixed and bool(flat) and all(p.device.type in FUSED_DEVICES and p.is_floating_point()
+                                             for p in flat)
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 

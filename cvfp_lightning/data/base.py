@@ -18,8 +18,10 @@ base class does the rest, the same way for every source:
 3. Dataloaders in the layout the LightningModule names in the handshake
    :meth:`TokenDataModule.connect` (called from its ``setup``): ``shard_chunks`` (each
    rank's own positions in in-order chunks, Phase 1), ``position_chunks`` (in-order chunks
-   dealt over ranks), ``positions`` (shuffled positions, Phase 2) or ``windows``
-   (``(B, T)`` windows, baselines); the predict loader serves the prompts it passes.
+   dealt over ranks), ``positions`` (shuffled positions, Phase 2), ``windows``
+   (``(B, T)`` windows, baselines) or ``streams`` (B lanes advancing window by window with
+   their contexts carried, end-to-end Phase 2: :mod:`cvfp_lightning.data.streams`); the
+   predict loader serves the prompts it passes.
 
 Memory per rank, N tokens in S samples: the ids are memory-mapped (0 B/token anonymous,
 2 or 4 B/token of shared page cache), offsets and byte counts 16 B per sample per split;
@@ -45,8 +47,10 @@ from cvfp_lightning.data.shards import ShardChunks
 from cvfp_lightning.data.sequences import (PositionChunks, PositionCollate, PositionIndex, TokenSequences, Windows,
                                            shuffled_sampler)
 from cvfp_lightning.data.snapshot import SNAPSHOT_KEY, data_snapshot
+from cvfp_lightning.data.streams import stream_loader
 from cvfp_lightning.data.token_cache import META, TokenCacheWriter, read_token_cache
 from cvfp_lightning.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from cvfp_lightning.data.tokenizer_fit import fitted_tokenizer, training_spec
 from cvfp_lightning.errors import CVFPUserError, check, check_fraction, check_positive
 from cvfp_lightning.progress import task
 
@@ -55,7 +59,7 @@ log = logging.getLogger(__name__)
 SequenceMode = Literal["stream", "samples"]
 SplitName = Literal["train", "val", "test"]
 SPLITS = ("train", "val", "test")
-LAYOUTS = ("shard_chunks", "position_chunks", "positions", "windows")
+LAYOUTS = ("shard_chunks", "position_chunks", "positions", "windows", "streams")
 CACHE_VERSION = 2
 TOKENIZE_BATCH = 1000  # samples per tokenizer call while streaming into the cache
 
@@ -76,11 +80,28 @@ def held_out(count: int, fraction: float) -> int:
     return max(1, round(fraction * count)) if fraction > 0 else 0
 
 
+class _RowRange:
+    """Rows ``start .. stop - 1`` of a text dataset, split by :meth:`TokenDataModule._split` like token samples."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    @property
+    def num_sequences(self) -> int:
+        return self.stop - self.start
+
+    def select(self, start: int, stop: int) -> "_RowRange":
+        return _RowRange(self.start + start, self.start + stop)
+
+
 class TokenDataModule(L.LightningDataModule):
     """Base class of the text data modules.
 
     Args:
-        tokenizer: HF hub name, local folder, or None for the bundled tokenizer.
+        tokenizer: HF hub name, local folder, None for the bundled tokenizer, or
+            ``{train: {vocab_size: N}}``: a byte-level BPE fitted on the training split
+            (:mod:`cvfp_lightning.data.tokenizer_fit`; fitted, or read from the cache, on
+            first use of :attr:`tokenizer`).
         sequences: ``stream`` (all samples concatenated into one sequence, the seed documents'
             layout) or ``samples`` (one sequence per sample; the context restarts at 0).
         num_samples: use only the first N samples (rows) of the source; None: all.
@@ -99,8 +120,8 @@ class TokenDataModule(L.LightningDataModule):
         max_seq_len: ``samples`` mode: split longer samples into pieces of this length.
         add_eos: append the tokenizer's EOS id to every sample (a separator in streams).
         chunk_size: positions per batch for position layouts.
-        batch_size: windows per batch for the window layout.
-        seq_len: window length for the window layout.
+        batch_size: windows per batch for the window layout; lanes per rank for the streams layout.
+        seq_len: window length for the window and streams layouts.
         num_workers: DataLoader workers.
         cache_dir: token cache folder; default ``$CVFP_CACHE_DIR`` or
             ``~/.cache/cvfp_lightning``.
@@ -112,7 +133,7 @@ class TokenDataModule(L.LightningDataModule):
     sample's bytes proportional to its tokens, rounded (train gets the remainder).
     """
 
-    def __init__(self, tokenizer: str | None = None, sequences: SequenceMode = "stream",
+    def __init__(self, tokenizer: str | dict | None = None, sequences: SequenceMode = "stream",
                  num_samples: int | None = None, train_samples: int | None = None, val_fraction: float = 0.1,
                  test_fraction: float = 0.0, val_subset_of_train: bool = False,
                  max_seq_len: int | None = None, add_eos: bool = True, chunk_size: int = 4096,
@@ -143,8 +164,9 @@ class TokenDataModule(L.LightningDataModule):
         self.chunk_size, self.batch_size, self.seq_len = chunk_size, batch_size, seq_len
         self.num_workers = num_workers
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        self.tokenizer = self._load_tokenizer(tokenizer, trust_remote_code)
-        self.vocab_size: int = len(self.tokenizer) if self.tokenizer is not None else 0
+        self._tokenizer_fit = training_spec(tokenizer)
+        self._tokenizer = None if self._tokenizer_fit else self._load_tokenizer(tokenizer, trust_remote_code)
+        self._vocab_size: int | None = None
         self.train_sequences: TokenSequences | None = None
         self.val_sequences: TokenSequences | None = None
         self.test_sequences: TokenSequences | None = None
@@ -161,6 +183,31 @@ class TokenDataModule(L.LightningDataModule):
         check(layout in LAYOUTS, f"data layout {layout!r} is unknown: expected one of {', '.join(LAYOUTS)}.")
         self.layout = layout
         self.prompts = list(prompts or [])
+
+    @property
+    def tokenizer(self):
+        """The tokenizer. One to fit (``{train: ...}``) is fitted, or read from the cache, on first
+        use: by then the subclass knows its texts."""
+        if self._tokenizer is None and self._tokenizer_fit is not None:
+            what = f"the training split of {self.describe()}"
+            self._tokenizer = fitted_tokenizer(lambda: (t for b in self.train_texts().iter(batch_size=TOKENIZE_BATCH)
+                                                        for t in b["text"]), self._tokenizer_fit, self.cache_dir, what)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self._tokenizer = value
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids of the tokenizer (a subclass without one sets it)."""
+        if self._vocab_size is not None:
+            return self._vocab_size
+        return len(self.tokenizer) if self.tokenizer is not None else 0
+
+    @vocab_size.setter
+    def vocab_size(self, value: int) -> None:
+        self._vocab_size = int(value)
 
     # ---- hooks for subclasses -------------------------------------------------------
     def _load_tokenizer(self, name: str | None, trust_remote_code: bool):
@@ -310,6 +357,33 @@ class TokenDataModule(L.LightningDataModule):
             val = samples.select(body - k_val, body)
         return samples.select(0, body - k_val), val, test
 
+    def train_texts(self):
+        """The training split's samples as text (a ``datasets.Dataset``), before tokenisation.
+
+        Exactly the samples :meth:`setup` trains on: the main source's first rows as
+        :meth:`_split` lays them out (``[train | val | test]``, then ``train_samples``),
+        never a validation or test sample. A single sample is returned only when none of
+        it is held out (validation and test from their own files, or no test split with
+        ``val_subset_of_train``): held-out tails are cut by tokens, which need a tokenizer.
+        """
+        ds = self.load_texts("main")
+        if self.num_samples is not None:
+            check(len(ds) >= self.num_samples,
+                  f"data.num_samples={self.num_samples} but the source has only {len(ds)} samples: lower it.")
+            ds = ds.select(range(self.num_samples))
+        extra, rows = self.extra_sources(), _RowRange(0, len(ds))
+        if rows.num_sequences == 1:
+            check(("test" in extra or self.test_fraction == 0) and ("val" in extra or self.val_subset_of_train),
+                  f"{self.describe()} is a single sample, and its held-out tails are cut by tokens: a tokenizer "
+                  "cannot be fitted on its training part alone. Give data.val_paths / data.test_paths, or "
+                  "data.sample_by paragraph.")
+            train = rows
+        else:
+            train = self._split(rows, rows if "val" in extra else None, rows if "test" in extra else None)[0]
+        if self.train_samples is not None:
+            train = train.select(0, min(self.train_samples, train.num_sequences))
+        return ds.select(range(train.start, train.stop))
+
     def _split_tokens(self, only: TokenSequences, val: TokenSequences | None, test: TokenSequences | None):
         """A single sample split by tokens: ``[train | val | test]`` tails, bytes shared by tokens."""
         n, nb = only.num_tokens, only.num_bytes
@@ -367,6 +441,8 @@ class TokenDataModule(L.LightningDataModule):
             windows = Windows(seqs, self.seq_len, pad_to_multiple=world)
             return DataLoader(windows, batch_size=self.batch_size, num_workers=self.num_workers,
                               sampler=shuffled_sampler(windows.num_real, len(windows), self.trainer) if train else None)
+        if layout == "streams":  # batch_size lanes per rank, windows of seq_len (truncated BPTT)
+            return stream_loader(seqs, self.batch_size, self.seq_len, world, train, self.num_workers)
         raise ValueError(f"unknown layout {layout!r}")
 
     def train_dataloader(self) -> DataLoader:
