@@ -9,13 +9,13 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import CONFIGS, cli_error, read_scalars, run_cli
 from cvfp_lightning.data import RepeatedPhraseDataModule
 from cvfp_lightning.data.repetition import collate_repeated
 from cvfp_lightning.data.tokenizer import load_tokenizer
 from cvfp_lightning.errors import CVFPUserError
 from cvfp_lightning.modules import RepetitionCVFPT
 from cvfp_lightning.modules.repetition import cycle_end_contexts, cycle_stats
+from helpers.cli import CONFIGS, cli_error, read_scalars, run_cli
 
 TINY = {"updater": "simple", "context_dim": 8, "hidden_dim": 8, "num_layers": 1, "init_std": 0.02, "bias_std": 0.0}
 

@@ -19,7 +19,7 @@ from cvfp_lightning.models.layers import ConcatLinear
 from cvfp_lightning.sequential_pass import sequential_pass, shifted_inputs
 from cvfp_lightning.solvers import anderson, fixed_point_iter, jacobian_spectral_norm, per_dim_mse
 
-PKG = Path(__file__).resolve().parents[1] / "cvfp_lightning"
+PKG = Path(__file__).resolve().parents[2] / "cvfp_lightning"
 
 
 def test_mse_not_l2_is_the_convergence_measure():

@@ -11,7 +11,6 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import CONFIGS, cli_error, read_scalars, run_cli
 from cvfp_lightning.data import TopKRoundRobinDataModule
 from cvfp_lightning.diagnostics import attractor_stats
 from cvfp_lightning.errors import CVFPUserError
@@ -19,6 +18,7 @@ from cvfp_lightning.models import ContextConfig, EmbeddingConfig
 from cvfp_lightning.modules import TopKCVFPT
 from cvfp_lightning.callbacks import TopKReport
 from cvfp_lightning.callbacks.topk_report import COLUMNS
+from helpers.cli import CONFIGS, cli_error, read_scalars, run_cli
 
 TINY = {"updater": "simple", "context_dim": 8, "hidden_dim": 8, "num_layers": 1, "init_std": 0.1, "bias_std": 0.01}
 
