@@ -188,7 +188,7 @@ def _bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
     ("prompt-file-empty", {"prompt_file": "{empty}"}, "holds no prompt"),
     ("cache-mode", {"cache": "sometimes"}, "model.cache='sometimes' is unknown"),
 ])
-def test_bad_input_is_one_clear_error(tmp_path, case, kwargs, message):
+def test_bad_phase2_model_arguments_are_one_clear_error(tmp_path, case, kwargs, message):
     paths = {k: str(v) for k, v in _bad_checkpoints(tmp_path).items()}
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")

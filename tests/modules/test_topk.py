@@ -141,7 +141,7 @@ def test_a_token_blind_model_shows_up_as_a_global_attractor(tmp_path):
     ({"token_ids": [1, 99999]}, "outside the tokenizer's ids"),
     ({"top_k": 0}, "data.top_k=0"),
 ])
-def test_bad_input_is_one_clear_error(kwargs, message):
+def test_bad_topk_data_options_are_one_clear_error(kwargs, message):
     with pytest.raises(CVFPUserError, match=message) as info:
         TopKRoundRobinDataModule(**kwargs)
     assert "\n" not in str(info.value)
