@@ -1,7 +1,7 @@
 """Run every DDP test N times in a row, each time in a fresh pytest process, and count.
 
 A test that fails one run in a few is a failing test: this is the evidence that the DDP
-tests (``tests/test_ddp.py``: two CPU processes against one, through ``cvfp ...
+tests (``tests/cli/test_ddp.py``: two CPU processes against one, through ``cvfp ...
 --trainer.strategy ddp``) pass every time on this machine. No retries, no skips: a run
 counts as passed only when pytest exits 0 with every test passed.
 
@@ -34,7 +34,7 @@ def main() -> int:
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "JSONARGPARSE_DEPRECATION_WARNINGS": "off",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ddp.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/cli/test_ddp.py"]
     if args.k:
         cmd += ["-k", args.k]
     runs, start = [], time.time()

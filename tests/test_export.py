@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CONFIGS, ROOT, cli_error, run_cli
 from cvfp_lightning.data import load_tokenizer
 from cvfp_lightning.data.snapshot import find_data_snapshot, restore_tokenizer
 from cvfp_lightning.data.tokenizer import tokenizer_fingerprint
@@ -23,7 +22,8 @@ from cvfp_lightning.export import export_checkpoint, load_model
 from cvfp_lightning.generation import check_sampling, decode, logits_warpers, sample_next
 from cvfp_lightning.hub import BaselineModel, CVFPModel, load_exported
 from cvfp_lightning.modules import BaselineLM, Phase2LM
-from lm_helpers import phase1_checkpoint, text_data, trainer
+from helpers.cli import CONFIGS, ROOT, cli_error, run_cli
+from helpers.lm import phase1_checkpoint, text_data, trainer
 
 V = 4096
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]

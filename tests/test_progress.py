@@ -11,13 +11,13 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, ROOT, run_cli
 from cvfp_lightning import progress
 from cvfp_lightning.data.sequences import TokenSequences
 from cvfp_lightning.models.context import ContextConfig, build_context_updater
 from cvfp_lightning.models.embedding import build_embedding
 from cvfp_lightning.runtime import configure_logging
 from cvfp_lightning.sequential_pass import sequential_pass
+from helpers.cli import CONFIGS, ROOT, run_cli
 
 LINE = re.compile(r"^sequential pass: ([\d,]+)/([\d,]+) tokens \((\d+)%\)")
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CONFIGS, run_cli
 from cvfp_lightning import CVFPUserError
 from cvfp_lightning.models import CVFPLanguageModel, TokenBlock, build_context_updater, build_embedding
 from cvfp_lightning.modules import Phase1FixedPoint, Phase2LM
-from lm_helpers import SMALL_CONTEXT, phase1_checkpoint, unigram_ppl
+from helpers.cli import CONFIGS, run_cli
+from helpers.lm import SMALL_CONTEXT, phase1_checkpoint, unigram_ppl
 
 V = 4096  # the bundled tokenizer
 
@@ -188,7 +188,7 @@ def _bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
     ("prompt-file-empty", {"prompt_file": "{empty}"}, "holds no prompt"),
     ("cache-mode", {"cache": "sometimes"}, "model.cache='sometimes' is unknown"),
 ])
-def test_bad_input_is_one_clear_error(tmp_path, case, kwargs, message):
+def test_bad_phase2_model_arguments_are_one_clear_error(tmp_path, case, kwargs, message):
     paths = {k: str(v) for k, v in _bad_checkpoints(tmp_path).items()}
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")
@@ -308,7 +308,7 @@ def _file_digests(folder: Path) -> dict[str, str]:
 def test_evaluation_pairs_with_its_own_phase1_run_and_writes_into_no_other_run(tmp_path, corpus, caplog):
     """Phase 2 is fit on the first of two Phase 1 runs; its config's glob later matches the second.
     ``cvfp test`` of the Phase 2 run must still score the first pairing and leave both Phase 1 folders as they were."""
-    from conftest import read_scalars
+    from helpers.cli import read_scalars
 
     caplog.set_level("INFO")
     logs = tmp_path / "logs"
@@ -365,7 +365,7 @@ def test_a_phase2_checkpoint_whose_context_block_was_altered_is_refused(tmp_path
 def test_the_seeds_tied_head_starts_at_a_sane_loss_on_real_text(tmp_path, corpus):
     """phase2_seed.yaml's settings (head tied to a frozen random 768-dim embedding) on English text:
     the first loss is near ln V, not hundreds of nats, and two epochs train without a false fault."""
-    from conftest import read_scalars
+    from helpers.cli import read_scalars
 
     ckpt = phase1_checkpoint(tmp_path / "p1" / "last.ckpt", V, embedding={"embed_dim": 768},
                              context={"updater": "residual", "context_dim": 768, "num_layers": 1,

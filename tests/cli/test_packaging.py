@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, ROOT
+from helpers.cli import CONFIGS, ROOT
 
 
 def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:

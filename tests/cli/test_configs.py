@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import CONFIGS, read_scalars, run_cli
+from helpers.cli import CONFIGS, read_scalars, run_cli
 
 ALL = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS, ROOT, run_cli
+from helpers.cli import CONFIGS, ROOT, run_cli
 
 P1 = str(CONFIGS / "phase1.yaml")
 QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

@@ -1,4 +1,4 @@
-"""Phase 1 end to end through the real CLI: early stop, scalars, resume, bf16, tokenwise (DDP: test_ddp.py)."""
+"""Phase 1 end to end through the real CLI: early stop, scalars, resume, bf16, tokenwise (DDP: cli/test_ddp.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS, read_scalars, run_cli
 from cvfp_lightning.modules import Phase1FixedPoint
+from helpers.cli import CONFIGS, read_scalars, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CONFIGS, run_cli
+from helpers.cli import CONFIGS, run_cli
 from cvfp_lightning.models.context import unroll
 from cvfp_lightning.modules import Phase2EndToEnd, Phase2LM
-from lm_helpers import phase1_checkpoint, text_data, trainer
+from helpers.lm import phase1_checkpoint, text_data, trainer
 
 V = 4096  # the bundled tokenizer
 T = 6

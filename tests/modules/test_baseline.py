@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, read_scalars, run_cli
 from cvfp_lightning import CVFPUserError
 from cvfp_lightning.models import CVFPLanguageModel, build_baseline, build_context_updater, build_embedding
 from cvfp_lightning.models.baselines import count_trainable, match_hidden_dim
 from cvfp_lightning.modules import BaselineLM
+from helpers.cli import CONFIGS, read_scalars, run_cli
 
 
 @pytest.mark.parametrize("arch, layers", [("gru", 1), ("lstm", 2), ("transformer", 2)])

@@ -11,7 +11,6 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import CONFIGS, cli_error, read_scalars, run_cli
 from cvfp_lightning.data import TopKRoundRobinDataModule
 from cvfp_lightning.diagnostics import attractor_stats
 from cvfp_lightning.errors import CVFPUserError
@@ -19,6 +18,7 @@ from cvfp_lightning.models import ContextConfig, EmbeddingConfig
 from cvfp_lightning.modules import TopKCVFPT
 from cvfp_lightning.callbacks import TopKReport
 from cvfp_lightning.callbacks.topk_report import COLUMNS
+from helpers.cli import CONFIGS, cli_error, read_scalars, run_cli
 
 TINY = {"updater": "simple", "context_dim": 8, "hidden_dim": 8, "num_layers": 1, "init_std": 0.1, "bias_std": 0.01}
 
@@ -141,7 +141,7 @@ def test_a_token_blind_model_shows_up_as_a_global_attractor(tmp_path):
     ({"token_ids": [1, 99999]}, "outside the tokenizer's ids"),
     ({"top_k": 0}, "data.top_k=0"),
 ])
-def test_bad_input_is_one_clear_error(kwargs, message):
+def test_bad_topk_data_options_are_one_clear_error(kwargs, message):
     with pytest.raises(CVFPUserError, match=message) as info:
         TopKRoundRobinDataModule(**kwargs)
     assert "\n" not in str(info.value)

@@ -6,11 +6,9 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, read_scalars, run_cli
 from cvfp_lightning import CVFPUserError
 from cvfp_lightning.experiments.scaling_law import (
     ScalingExperiment,
@@ -19,6 +17,8 @@ from cvfp_lightning.experiments.scaling_law import (
     fit_power_law,
     write_results,
 )
+from helpers.cli import CONFIGS, read_scalars, run_cli
+from helpers.scaling import FakeRunner, scaling_settings
 
 
 # ---- the fit -------------------------------------------------------------------------------------------
@@ -59,14 +59,6 @@ def test_fit_refuses_points_it_cannot_fit(tokens, ppl, message):
 
 
 # ---- result files ------------------------------------------------------------------------------------
-def _settings(tmp_path, **kwargs) -> ScalingSettings:
-    options = {"sizes": [10, 20, 40], "out_dir": tmp_path / "out", "phase1_config": CONFIGS / "phase1.yaml",
-               "phase2_config": CONFIGS / "phase2.yaml", "overrides": {}, "phase1_overrides": {},
-               "phase2_overrides": {}}
-    options.update(kwargs)
-    return ScalingSettings(**options)
-
-
 def _row(model, samples, tokens, ppl):
     return {"model": model, "samples": samples, "train_tokens": tokens, "val_tokens": 100, "val_ppl": ppl,
             "val_acc": 0.1, "val_loss": math.log(ppl), "effective_rank_pct": 50.0 if model == "cvfp" else None,
@@ -79,7 +71,7 @@ def test_csv_json_png_and_tensorboard_are_written(tmp_path, capsys):
     for samples, tokens in ((10, 1000), (20, 2000), (40, 4000)):
         rows += [_row("cvfp", samples, tokens, 500 * (tokens / 1000) ** -0.4),
                  _row("gru", samples, tokens, 400 * (tokens / 1000) ** -0.2)]
-    settings = _settings(tmp_path, baseline="gru")
+    settings = scaling_settings(tmp_path, baseline="gru")
     result = write_results(settings, rows, seconds=12.0)
     out = settings.out_dir
 
@@ -108,41 +100,13 @@ def test_csv_json_png_and_tensorboard_are_written(tmp_path, capsys):
 
 
 # ---- resume with a stand-in for the training runs ---------------------------------------------------------
-class FakeRunner:
-    """Stands in for :func:`run_fit`: records the calls, returns plausible metrics, can fail on one run."""
-
-    def __init__(self, fail_on: tuple[int, str] | None = None):
-        self.calls: list[tuple[int, str, list[str]]] = []
-        self.fail_on = fail_on
-
-    def __call__(self, kind: str, args: list[str]) -> dict:
-        size = int(next(a for a in args if a.startswith("--data.init_args.train_samples=")).split("=")[1])
-        logger = json.loads(args[-1].split("=", 1)[1])["init_args"]
-        run = logger["version"]
-        run_dir = Path(logger["save_dir"]) / logger["name"] / run
-        assert not run_dir.exists(), "an unfinished run's folder is cleared before it runs again"
-        run_dir.mkdir(parents=True)
-        self.calls.append((size, run, args))
-        if self.fail_on == (size, run):
-            raise KeyboardInterrupt  # interrupted mid-run: no record
-        tokens = 100 * size
-        if kind == "phase1":
-            ckpt = run_dir / "checkpoints" / "last.ckpt"
-            ckpt.parent.mkdir()
-            ckpt.write_bytes(b"weights")
-            return {"checkpoint": str(ckpt), "iterations": 6, "effective_rank_pct": 60.0, "train_tokens": tokens,
-                    "val_tokens": 10}
-        return {"val/ppl": 900.0 * tokens ** -0.35, "val/acc": 0.2, "val/loss": 1.0, "train_tokens": tokens,
-                "val_tokens": 10, "trainable_params": 4321, "best_epoch": 1}
-
-
 @pytest.fixture
 def no_input_checks(monkeypatch):
     monkeypatch.setattr(ScalingExperiment, "check_inputs", lambda self: None)
 
 
 def test_resume_skips_finished_runs_and_sizes(tmp_path, no_input_checks):
-    settings = _settings(tmp_path)
+    settings = scaling_settings(tmp_path)
     first = FakeRunner(fail_on=(40, "phase2"))
     with pytest.raises(KeyboardInterrupt):
         ScalingExperiment(settings, runner=first).run()
@@ -165,7 +129,7 @@ def test_resume_skips_finished_runs_and_sizes(tmp_path, no_input_checks):
 
     # a baseline added later trains only the baseline, sized like Phase 2
     fourth = FakeRunner()
-    with_gru = ScalingExperiment(_settings(tmp_path, baseline="gru"), runner=fourth).run()
+    with_gru = ScalingExperiment(scaling_settings(tmp_path, baseline="gru"), runner=fourth).run()
     assert [(s, r) for s, r, _ in fourth.calls] == [(10, "gru"), (20, "gru"), (40, "gru")]
     args = fourth.calls[0][2]
     assert "--model.init_args.arch=gru" in args and "--model.init_args.match_params=4321" in args
@@ -174,8 +138,8 @@ def test_resume_skips_finished_runs_and_sizes(tmp_path, no_input_checks):
 
 
 def test_resume_refuses_records_of_other_settings(tmp_path, no_input_checks):
-    ScalingExperiment(_settings(tmp_path, sizes=[10, 20]), runner=FakeRunner()).run()
-    changed = _settings(tmp_path, sizes=[10, 20], phase1_overrides={"model.init_args.lr": 0.01})
+    ScalingExperiment(scaling_settings(tmp_path, sizes=[10, 20]), runner=FakeRunner()).run()
+    changed = scaling_settings(tmp_path, sizes=[10, 20], phase1_overrides={"model.init_args.lr": 0.01})
     with pytest.raises(CVFPUserError, match="samples_00010/phase1.json was written with other settings.*"
                                             "use another --out_dir"):
         ScalingExperiment(changed, runner=FakeRunner()).run()
@@ -183,9 +147,10 @@ def test_resume_refuses_records_of_other_settings(tmp_path, no_input_checks):
 
 def test_overrides_reach_every_run_as_command_line_arguments(tmp_path, no_input_checks):
     runner = FakeRunner()
-    settings = _settings(tmp_path, sizes=[10, 20], overrides={"data.init_args.max_seq_len": 128,
-                                                              "data.init_args.paths": None},
-                         phase1_overrides={"trainer.max_epochs": 2}, phase2_overrides={"model.init_args.lr": 0.005})
+    settings = scaling_settings(tmp_path, sizes=[10, 20], overrides={"data.init_args.max_seq_len": 128,
+                                                                     "data.init_args.paths": None},
+                                phase1_overrides={"trainer.max_epochs": 2},
+                                phase2_overrides={"model.init_args.lr": 0.005})
     ScalingExperiment(settings, runner=runner).run()
     p1, p2 = runner.calls[0][2], runner.calls[1][2]
     assert p1[:2] == ["--config", str(CONFIGS / "phase1.yaml")] and p2[:2] == ["--config", str(CONFIGS / "phase2.yaml")]
@@ -207,8 +172,8 @@ def test_cli_args_put_class_paths_first_and_keep_strings_as_they_are():
 
 def test_baseline_overrides_may_set_the_baseline_size_themselves(tmp_path, no_input_checks):
     runner = FakeRunner()
-    settings = _settings(tmp_path, sizes=[10, 20], baseline="transformer",
-                         baseline_overrides={"model.init_args.match_params": None})
+    settings = scaling_settings(tmp_path, sizes=[10, 20], baseline="transformer",
+                                baseline_overrides={"model.init_args.match_params": None})
     ScalingExperiment(settings, runner=runner).run()
     base = [args for _, run, args in runner.calls if run == "transformer"]
     assert len(base) == 2 and any(a.endswith("baseline_transformer.yaml") for a in base[0])
@@ -243,7 +208,7 @@ def test_missing_phase_config_and_unknown_baseline_are_clear_errors(tmp_path, ca
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("cvfp: error:") and message in err[0], err
     with pytest.raises(CVFPUserError, match="phase2_config is not set"):
-        _settings(tmp_path, phase2_config=None)
+        scaling_settings(tmp_path, phase2_config=None)
 
 
 def test_shipped_configs_resolve_their_phase_configs(tmp_path):

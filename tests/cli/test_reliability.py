@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CONFIGS, run_cli
 from cvfp_lightning.callbacks import NonFiniteGuard, TrainingDiverged
 from cvfp_lightning.io import atomic_torch_save, atomic_write_text, safe_torch_load
 from cvfp_lightning.errors import CVFPUserError
+from helpers.cli import CONFIGS, run_cli
 
 SMALL = ["--data.init_args.num_samples", "8", "--data.init_args.max_seq_len", "64",
          "--model.init_args.context.context_dim", "16", "--model.init_args.context.num_layers", "1",
@@ -171,7 +171,7 @@ def test_soak_phase1_rss_stays_flat(tmp_path):
 @pytest.mark.parametrize("kind", ["phase2", "repetition", "baseline"])
 def test_stop_and_resume_equals_uninterrupted_beyond_phase1(tmp_path, corpus, kind):
     """Shuffled position / window / phrase orders depend on (seed, epoch) only, so a resume is exact."""
-    from lm_helpers import phase1_checkpoint
+    from helpers.lm import phase1_checkpoint
 
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
              "--trainer.callbacks", "[]"]
@@ -205,7 +205,7 @@ def test_stop_and_resume_equals_uninterrupted_beyond_phase1(tmp_path, corpus, ki
 
 @pytest.mark.slow
 def test_ckpt_path_best_finds_the_newest_best_checkpoint(tmp_path, corpus, capsys):
-    from lm_helpers import phase1_checkpoint
+    from helpers.lm import phase1_checkpoint
 
     ckpt = phase1_checkpoint(tmp_path / "p1" / "last.ckpt", 4096)
     args = ["--config", str(CONFIGS / "phase2.yaml"), "--model.init_args.phase1_checkpoint", str(ckpt),

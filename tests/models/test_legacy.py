@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CONFIGS, cli_error, run_cli
 from cvfp_lightning.models import ContextConfig, TokenBlock, build_context_updater
 from cvfp_lightning.models.legacy import upgrade_legacy_state_dict
+from helpers.cli import CONFIGS, cli_error, run_cli
 
 
 def to_legacy(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -9,19 +9,19 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import CONFIGS, cli_error, read_scalars, run_cli
 from cvfp_lightning.data import RepeatedPhraseDataModule
 from cvfp_lightning.data.repetition import collate_repeated
 from cvfp_lightning.data.tokenizer import load_tokenizer
 from cvfp_lightning.errors import CVFPUserError
 from cvfp_lightning.modules import RepetitionCVFPT
 from cvfp_lightning.modules.repetition import cycle_end_contexts, cycle_stats
+from helpers.cli import CONFIGS, cli_error, read_scalars, run_cli
 
 TINY = {"updater": "simple", "context_dim": 8, "hidden_dim": 8, "num_layers": 1, "init_std": 0.02, "bias_std": 0.0}
 
 
 # ---- the loss and the metrics, by hand ------------------------------------------------------
-def test_cyclic_loss_of_a_hand_built_sequence():
+def test_cycle_stats_of_hand_built_sequences_with_mixed_cycle_lengths():
     a, b = torch.zeros(4), torch.full((4,), 2.0)
     # row 0: a b a b a b (period 2), row 1: a a a b (period 1 broken once, then one pad)
     row0 = torch.stack([a, b, a, b, a, b])
@@ -105,7 +105,7 @@ def test_stages_use_the_first_s_words_and_truncate_to_max_length():
     ({"vocabulary": ["photosynthesis"], "max_stage": 1, "max_length": 8}, "less than two cycles"),
     ({"epochs_per_stage": 0}, "data.epochs_per_stage=0"),
 ])
-def test_bad_input_is_one_clear_error(kwargs, message):
+def test_bad_repeated_phrase_data_options_are_one_clear_error(kwargs, message):
     with pytest.raises(CVFPUserError, match=message) as info:
         RepeatedPhraseDataModule(**kwargs)
     assert "\n" not in str(info.value)

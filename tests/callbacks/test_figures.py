@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS, read_scalars, run_cli
 from cvfp_lightning import progress
 from cvfp_lightning.metrics import ConvergenceRate, ResidualHistogram
+from helpers.cli import CONFIGS, read_scalars, run_cli
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
@@ -122,13 +122,12 @@ def test_the_residual_histogram_holds_the_convergence_rate_in_o_bins_memory():
 
 
 def test_scaling_shows_its_runs_done_and_keeps_resume_records_independent_of_display(tmp_path, capsys, monkeypatch):
-    from test_scaling import FakeRunner, _settings
-
     from cvfp_lightning.experiments.scaling_law import ScalingExperiment
+    from helpers.scaling import FakeRunner, scaling_settings
 
     monkeypatch.setattr(ScalingExperiment, "check_inputs", lambda self: None)
     first = FakeRunner()
-    ScalingExperiment(_settings(tmp_path, sizes=[10, 20]), runner=first).run()
+    ScalingExperiment(scaling_settings(tmp_path, sizes=[10, 20]), runner=first).run()
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cvfp scaling")]
     bar = [line for line in err if " runs (" in line]
     assert bar[0].startswith("cvfp scaling: 0/4 runs (0%)")
@@ -137,8 +136,8 @@ def test_scaling_shows_its_runs_done_and_keeps_resume_records_independent_of_dis
     assert all("--trainer.enable_progress_bar=false" not in args for _, _, args in first.calls)  # per-run bars kept
 
     quiet = FakeRunner()  # the display changed: the records still stand, nothing reruns, nothing shows
-    settings = _settings(tmp_path, sizes=[10, 20, 40], progress=False,
-                         overrides={"trainer.enable_model_summary": False})
+    settings = scaling_settings(tmp_path, sizes=[10, 20, 40], progress=False,
+                                overrides={"trainer.enable_model_summary": False})
     ScalingExperiment(settings, runner=quiet).run()
     assert [(size, run) for size, run, _ in quiet.calls] == [(40, "phase1"), (40, "phase2")]
     assert all("--trainer.enable_progress_bar=false" in args for _, _, args in quiet.calls)

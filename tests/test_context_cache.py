@@ -23,7 +23,7 @@ from cvfp_lightning.data import TokenSequences
 from cvfp_lightning.models import build_context_updater, build_embedding
 from cvfp_lightning.modules import Phase1FixedPoint, Phase2LM
 from cvfp_lightning.sequential_pass import sequential_pass
-from lm_helpers import SMALL_CONTEXT, phase1_checkpoint, text_data, trainer
+from helpers.lm import SMALL_CONTEXT, phase1_checkpoint, text_data, trainer
 
 V = 4096
 

@@ -107,7 +107,7 @@ def test_a_single_stream_is_cut_into_lanes_for_training_and_kept_whole_for_evalu
 
 
 def test_the_data_module_serves_the_streams_layout(corpus):
-    from lm_helpers import text_data
+    from helpers.lm import text_data
 
     dm = text_data(corpus, batch_size=4, seq_len=16)
     dm.setup()

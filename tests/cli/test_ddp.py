@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS, ROOT, read_scalars, run_cli
+from helpers.cli import CONFIGS, ROOT, read_scalars, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ddp")]  # one DDP run at a time under xdist
 
@@ -104,7 +104,7 @@ LM_BATCH = {"phase2": ("--data.init_args.chunk_size", 256), "gru": ("--data.init
 def test_fit_with_its_validation_and_test_on_two_processes_equals_one(tmp_path, corpus, kind):
     """Two epochs with validation, then the test pass on the best weights that ``cvfp fit`` runs
     when the data has a test split: every scalar of train, val and test, and every token count."""
-    from lm_helpers import phase1_checkpoint
+    from helpers.lm import phase1_checkpoint
 
     args = [*LM_RUNS[kind], "--data.init_args.paths", f"[{corpus}]", *LM_DATA]
     if kind == "phase2":
@@ -124,7 +124,7 @@ def test_fit_with_its_validation_and_test_on_two_processes_equals_one(tmp_path, 
 def test_validate_and_test_subcommands_on_two_processes_equal_one(tmp_path, corpus):
     """``cvfp validate`` / ``cvfp test --ckpt_path`` of a Phase 2 checkpoint (its contexts of each
     split computed sharded over the ranks): every scalar and the token count."""
-    from lm_helpers import phase1_checkpoint
+    from helpers.lm import phase1_checkpoint
 
     args = [*LM_RUNS["phase2"], "--data.init_args.paths", f"[{corpus}]", *LM_DATA,
             "--model.init_args.phase1_checkpoint", str(phase1_checkpoint(tmp_path / "p1" / "last.ckpt", 4096))]

@@ -1,0 +1,42 @@
+"""Context stores (cvfp_lightning.context_store): where a rank keeps the contexts of its positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cvfp_lightning import CVFPUserError
+from cvfp_lightning.context_store import ContextStore
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_store_keeps_rows_across_generations_and_snapshots(tmp_path, kind, dtype):
+    x = torch.randn(10, 6)
+    store = ContextStore(10, 6, dtype, kind, folder=tmp_path / "run", name="train.rank0")
+    store.fill(x)
+    expected = x.to(store.dtype).float()
+    assert torch.equal(store.read(0, 10), expected)
+    store.begin_generation()  # the next generation, chunk by chunk: old rows stay readable until written
+    for start in range(0, 10, 4):
+        old = store.read(start, min(start + 4, 10))
+        assert torch.equal(old, expected[start:start + 4])
+        store.write(start, old * 2)
+    store.end_generation()
+    assert torch.equal(store.read(0, 10), (expected * 2).to(store.dtype).float())
+    record = store.snapshot(tmp_path / "snap")
+    other = ContextStore(10, 6, dtype, kind, folder=tmp_path / "run", name="train.rank0")
+    other.restore(record)
+    assert torch.equal(other.read(0, 10), store.read(0, 10))
+    bad = dict(record, sha256="0" * 64)
+    with pytest.raises(CVFPUserError, match="digest differs"):
+        other.restore(bad)
+    with pytest.raises(CVFPUserError, match="holds 10 x 6"):
+        ContextStore(11, 6, dtype, kind, folder=tmp_path / "run2", name="x").restore(record)
+
+
+def test_the_disk_store_holds_no_rows_in_memory(tmp_path):
+    store = ContextStore(1000, 64, "float32", "disk", folder=tmp_path, name="val.rank0")
+    assert store._data is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val.rank0.gen0.bin", "val.rank0.gen1.bin"]
+    assert all(p.stat().st_size == 1000 * 64 * 4 for p in tmp_path.iterdir())
