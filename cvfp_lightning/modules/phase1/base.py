@@ -112,6 +112,12 @@ class Phase1Base(L.LightningModule):
         """The carried contexts ``(N, D)`` of ``split`` (``train`` or ``val``), when the algorithm keeps them."""
         return self._state.get(f"{split}_prev")
 
+    def log_validation_metrics(self) -> None:
+        """The validation metrics both algorithms update: convergence rate, residual, positions."""
+        self.log("val/convergence_rate", self.val_rate, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/cvfp_loss", self.val_cvfp, on_step=False, on_epoch=True)
+        self.log("val/tokens", self.val_tokens, on_step=False, on_epoch=True)
+
     # ---- hooks shared by both algorithms -------------------------------------------------
     def setup(self, stage: str) -> None:
         private_metric_states(self)

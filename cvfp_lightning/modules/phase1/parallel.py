@@ -363,9 +363,7 @@ class Phase1Parallel(Phase1Base):
             self.val_rate.update(res)
             self.val_cvfp.update(res)
             self.val_tokens.update(res.numel())
-        self.log("val/convergence_rate", self.val_rate, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("val/cvfp_loss", self.val_cvfp, on_step=False, on_epoch=True)
-        self.log("val/tokens", self.val_tokens, on_step=False, on_epoch=True)
+        self.log_validation_metrics()
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

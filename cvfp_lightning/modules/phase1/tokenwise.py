@@ -133,9 +133,7 @@ class Phase1Tokenwise(Phase1Base):
             if ids.numel():
                 self.val_iters_plain.update(plain[1].nstep.float())
             self.log("val/mean_iterations_iteration", self.val_iters_plain, on_step=False, on_epoch=True)
-        self.log("val/convergence_rate", self.val_rate, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("val/cvfp_loss", self.val_cvfp, on_step=False, on_epoch=True)
-        self.log("val/tokens", self.val_tokens, on_step=False, on_epoch=True)
+        self.log_validation_metrics()
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
