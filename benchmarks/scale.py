@@ -145,14 +145,15 @@ def trainer_block(args, name: str, epochs: int) -> dict:
 
 
 def phase1_config(args, size: int) -> dict:
-    model = {"mode": "parallel",
-             "context": {"updater": "residual", "context_dim": args.dims, "num_layers": args.layers,
+    model = {"context": {"updater": "residual", "context_dim": args.dims, "num_layers": args.layers,
                          "token_input_all_layers": args.token_input_all_layers},
              "embedding": {"embed_dim": args.dims, "freeze": True},
              "dist_reg_weight": 0.8, "diversity_center": "global", "noise_std": 0.1,
              "convergence_threshold": 0.03, "lr": 0.002, "grad_clip": 1.0}
     if args.demo:
         model["context"]["init_std"] = 0.3
+    if args.phase1_class.endswith("Phase1FixedPoint"):  # the one-class-two-modes name of older checkouts
+        model["mode"] = "parallel"
     for key in ("context_dtype", "context_store"):  # passthrough for options of later Phase 1 versions
         if getattr(args, key) is not None:
             model[key] = getattr(args, key)
@@ -160,7 +161,7 @@ def phase1_config(args, size: int) -> dict:
         {"class_path": "cvfp_lightning.callbacks.EffectiveRankMonitor"},
         {"class_path": "cvfp_lightning.callbacks.CVFPDiagnostics"},
         {"class_path": "cvfp_lightning.callbacks.ContextCacheHandoff"}]},
-        "model": {"class_path": "cvfp_lightning.modules.Phase1FixedPoint", "init_args": model},
+        "model": {"class_path": args.phase1_class, "init_args": model},
         "data": data_block(args, size, args.phase1_chunk)}
 
 
@@ -274,6 +275,9 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1, help="> 1: DDP over that many CPU processes")
     parser.add_argument("--context_dtype", default=None, help="passed to Phase 1 as model.init_args.context_dtype")
     parser.add_argument("--context_store", default=None, help="passed to Phase 1 as model.init_args.context_store")
+    parser.add_argument("--phase1_class", default="cvfp_lightning.modules.Phase1Parallel",
+                        help="Phase 1 class_path (cvfp_lightning.modules.Phase1FixedPoint for checkouts from before "
+                             "the one-class-per-algorithm redesign, which know no context_dtype / context_store)")
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP_NUM_THREADS of each process (1: steady on a shared machine; memory barely depends on it)")
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between /proc samples")

@@ -21,7 +21,9 @@ still needs, the previous chunk's last old row), a ``disk`` store writes the new
 into its other file, so the previous generation stays intact until the next one is
 complete (a run killed mid-iteration resumes from the last checkpoint's file). After each
 generation the disk store syncs the file and tells the kernel to drop its pages
-(``posix_fadvise(DONTNEED)``), so page cache does not push other work out of memory.
+(``posix_fadvise(DONTNEED)``), so page cache does not push other work out of memory; so do
+:meth:`snapshot` and :meth:`restore` after they have written, hashed or read a file (a
+disk store's snapshot hashes its whole current file, which would otherwise be cached again).
 
 :meth:`snapshot` writes (memory) or names (disk) a file holding the current generation and
 returns its record ``{"file", "sha256", "rows", "dim", "dtype"}`` for a checkpoint;
@@ -53,6 +55,17 @@ STORES = ("memory", "disk")
 def context_dtype(name: str) -> torch.dtype:
     check(name in DTYPES, f"context_dtype={name!r} is unknown: expected one of {', '.join(DTYPES)}.")
     return DTYPES[name]
+
+
+def drop_page_cache(path: str | Path) -> None:
+    """Tell the kernel the (synced) pages of ``path`` are not needed again (``posix_fadvise(DONTNEED)``)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def _as_bytes(t: Tensor) -> memoryview:
@@ -182,6 +195,7 @@ class ContextStore:
         else:
             path = self._file(self.generation)
             digest = file_sha256(path)
+        drop_page_cache(path)
         return {"file": str(path), "sha256": digest, "rows": self.num_rows, "dim": self.dim, "dtype": self.dtype_name}
 
     def restore(self, record: dict) -> None:
@@ -207,3 +221,4 @@ class ContextStore:
                 raw = bytearray(handle.read(rows * self.row_bytes))
                 self.write(start, torch.frombuffer(raw, dtype=self.dtype).reshape(rows, self.dim))
         self.end_generation()
+        drop_page_cache(path)

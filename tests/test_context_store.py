@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -40,3 +43,27 @@ def test_the_disk_store_holds_no_rows_in_memory(tmp_path):
     assert store._data is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["val.rank0.gen0.bin", "val.rank0.gen1.bin"]
     assert all(p.stat().st_size == 1000 * 64 * 4 for p in tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_snapshot_and_restore_drop_the_page_cache_of_their_file(tmp_path, monkeypatch, kind):
+    dropped = []
+    real = os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_DONTNEED:
+            dropped.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    store = ContextStore(10, 4, kind=kind, folder=tmp_path / "live", name="train.rank0-of-1")
+    store.fill(torch.randn(10, 4))
+    dropped.clear()
+    record = store.snapshot(tmp_path / "snapshot")  # a disk store hashes its whole file here
+    assert os.path.realpath(record["file"]) in dropped
+    other = ContextStore(10, 4, kind=kind, folder=tmp_path / "other", name="train.rank0-of-1")
+    dropped.clear()
+    other.restore(record)  # hashed and read
+    assert os.path.realpath(record["file"]) in dropped
+    assert torch.equal(other.read(0, 10), store.read(0, 10))
