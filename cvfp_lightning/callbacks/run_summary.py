@@ -56,9 +56,8 @@ class RunSummary(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         best_path, best_epoch = self._restore_best(trainer, pl_module)
         self.summary = self._summary(trainer, pl_module, best_path, best_epoch)
-        log_dir = trainer.log_dir if trainer.loggers and not trainer.fast_dev_run else None
-        if trainer.is_global_zero and log_dir:
-            atomic_write_json(self.summary, Path(log_dir) / "summary.json")
+        log_dir = self._write(trainer)
+        if log_dir:
             shown = {k: round(v, 4) for k, v in self.summary.items() if k.startswith("val/") and isinstance(v, float)}
             rank_zero_info(f"{type(pl_module).__name__}: best epoch {best_epoch}: {shown} "
                            f"(summary: {Path(log_dir) / 'summary.json'})")
@@ -69,11 +68,17 @@ class RunSummary(L.Callback):
         tested = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         self.summary.update(tested)
         self.summary["test_tokens"] = getattr(getattr(trainer.datamodule, "test_sequences", None), "num_tokens", None)
-        log_dir = trainer.log_dir if trainer.loggers and not trainer.fast_dev_run else None
-        if trainer.is_global_zero and log_dir:
-            atomic_write_json(self.summary, Path(log_dir) / "summary.json")
+        if self._write(trainer):
             shown = {k: round(v, 4) for k, v in tested.items()}
             rank_zero_info(f"{type(pl_module).__name__}: test split with the best weights: {shown}")
+
+    def _write(self, trainer: L.Trainer) -> Path | None:
+        """Write ``summary.json`` into the run folder (rank 0, with a logger, not ``fast_dev_run``); the folder or None."""
+        log_dir = trainer.log_dir if trainer.loggers and not trainer.fast_dev_run else None
+        if not (trainer.is_global_zero and log_dir):
+            return None
+        atomic_write_json(self.summary, Path(log_dir) / "summary.json")
+        return Path(log_dir)
 
     def _restore_best(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[str | None, int | None]:
         """Load the best checkpoint's weights back into the module (all ranks)."""
