@@ -149,6 +149,11 @@ class Contexts:
         """``positions (k,)`` of ``split`` -> their final contexts, float32 ``(k, D)`` on the CPU."""
         raise NotImplementedError
 
+    def previous(self, split: str, positions: Tensor, is_start: Tensor) -> Tensor:
+        """The context each position reads, ``c_{i-1}`` (0 where a sequence starts): ``(k,), (k,) -> (k, D)``."""
+        before = self.gather(split, (positions - 1).clamp_min(0))
+        return torch.where(is_start.cpu().reshape(-1, 1), 0.0, before)
+
 
 class InMemoryContexts(Contexts):
     """Contexts held as one float32 ``(N_split, D)`` tensor per split (``cache: off``: 4 D bytes per position)."""
@@ -240,6 +245,26 @@ class ContextCache(Contexts):
         return reasons
 
 
+def final_contexts(embedding: TokenEmbedding, updater: ContextUpdater, splits: dict[str, TokenSequences],
+                   batch_size: int = 256, trainer=None) -> InMemoryContexts:
+    """The final contexts of ``splits`` in memory: float32 ``(N_split, D)`` each, on every rank.
+
+    4 D bytes per position (not the ``4 sum(d_l)`` of every layer: a batch's per-layer
+    outputs are recomputed from these, :meth:`Contexts.previous`). Under DDP
+    (``trainer.world_size > 1``) each rank passes its share of the sequences
+    (:func:`~cvfp_lightning.sequential_pass.sequential_pass`'s round robin, the other rows
+    0) and a sum over ranks completes them, exactly.
+    """
+    world = trainer.world_size if trainer is not None else 1
+    rank = trainer.global_rank if trainer is not None else 0
+    tensors = {}
+    for split, seqs in splits.items():
+        rows = sequential_pass(updater, embedding, seqs, batch_size, rank=rank, world_size=world,
+                               description=f"contexts: {split}").float()
+        tensors[split] = trainer.strategy.reduce(rows, reduce_op="sum") if world > 1 else rows
+    return InMemoryContexts(tensors)
+
+
 class ContextSource:
     """What a context cache is computed from: a frozen embedding + context block and a data module.
 
@@ -280,16 +305,13 @@ class ContextSource:
         self.updater.eval(), self.embedding.eval()
         return lambda: (self.updater.train(was[0]), self.embedding.train(was[1]))
 
-    def compute(self, batch_size: int = 256) -> InMemoryContexts:
-        """Every split's final contexts in memory, on this process (fp32, no autocast)."""
+    def compute(self, batch_size: int = 256, trainer=None) -> InMemoryContexts:
+        """Every split's final contexts in memory (:func:`final_contexts`; eval mode)."""
         restore = self._eval()
         try:
-            tensors = {split: sequential_pass(self.updater, self.embedding, seqs, batch_size,
-                                              description=f"contexts: {split}").float()
-                       for split, seqs in self.splits.items()}
+            return final_contexts(self.embedding, self.updater, self.splits, batch_size, trainer)
         finally:
             restore()
-        return InMemoryContexts(tensors)
 
     def write(self, folder: str | Path, trainer, batch_size: int = 256, dtype: str = "float32") -> ContextCache:
         """The cache folder of these contexts, written by all of ``trainer``'s ranks (each its shards).
@@ -368,7 +390,7 @@ def resolve_contexts(folder: str | Path | None, mode: str, source: ContextSource
     check(mode in CACHE_MODES, f"model.cache={mode!r} is unknown: expected one of {', '.join(CACHE_MODES)}.")
     start = time.perf_counter()
     if mode == "off" or folder is None:
-        contexts = source.compute(batch_size)
+        contexts = source.compute(batch_size, trainer)
         return contexts, f"contexts computed in {time.perf_counter() - start:.1f}s (cache off)"
     folder = Path(folder)
     if not (folder / META).exists():
@@ -387,7 +409,7 @@ def resolve_contexts(folder: str | Path | None, mode: str, source: ContextSource
                             "on this data, point model.cache_path at the right cache, or set model.cache: auto "
                             "to rebuild it.")
     if not write:
-        contexts = source.compute(batch_size)
+        contexts = source.compute(batch_size, trainer)
         return contexts, f"{why}; contexts computed in {time.perf_counter() - start:.1f}s (not written)"
     try:
         cache = source.write(folder, trainer, batch_size)

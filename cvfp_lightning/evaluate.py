@@ -11,9 +11,9 @@ files are read, tokenised and cut into sequences exactly as the model's training
 (:class:`~cvfp_lightning.data.text.TextDataModule`). Every position with a next id in its
 sequence is scored, i.e. every token after the first of each sequence:
 
-- CVFP: the contexts are carried over each sequence from ``c = 0`` (one sequential pass,
-  :func:`~cvfp_lightning.sequential_pass.sequential_pass`, as Phase 2 validation), then
-  ``logits = lm.logits(layers, embedding)`` for chunks of ``chunk_size`` positions;
+- CVFP: the final contexts are carried over each sequence from ``c = 0`` (one sequential
+  pass, as Phase 2's contexts), then for chunks of ``chunk_size`` positions the logits of
+  ``lm.step(c_{i-1}, id_i)`` (the per-layer outputs recomputed, as in Phase 2 training);
 - baselines: windows of ``seq_len`` ids with the state restarting in every window, as in
   their validation.
 
@@ -40,12 +40,12 @@ from typing import Literal, Optional
 
 from torch import Tensor
 
+from cvfp_lightning.context_cache import InMemoryContexts, final_contexts
 from cvfp_lightning.data.text import TextDataModule
 from cvfp_lightning.errors import CVFPUserError, check
 from cvfp_lightning.hub import CVFPModel
 from cvfp_lightning.io import atomic_write_json
 from cvfp_lightning.modules.lm_base import NextTokenModule
-from cvfp_lightning.sequential_pass import sequential_pass
 
 DEFAULT_OUT = "evaluation.json"
 
@@ -100,10 +100,12 @@ class EvaluationText(TextDataModule):
 class Evaluation(NextTokenModule):
     """Scores an exported model (:mod:`cvfp_lightning.hub`) with the training metrics; ``test/*`` plus ``test/tokens``.
 
-    CVFP models read the ``positions`` layout: ``on_test_start`` computes every layer's
-    context of every position, ``[(N, d_l)]`` float32 (4 ``sum(d_l)`` bytes per token on
-    every rank; under DDP each rank passes its share of the sequences and a sum over
-    ranks completes them); baselines read ``windows``.
+    CVFP models read the ``positions`` layout as Phase 2 does: ``on_test_start`` computes
+    the final context of every position (:func:`~cvfp_lightning.context_cache.final_contexts`:
+    float32 ``(N, D)``, 4 D bytes per token on every rank; under DDP each rank passes its
+    share of the sequences and a sum over ranks completes them) and a batch's per-layer
+    outputs are recomputed from the context before each position (``CVFPLanguageModel.step``);
+    baselines read ``windows``.
     """
 
     def __init__(self, model, seq_batch_size: int = 256):
@@ -112,25 +114,18 @@ class Evaluation(NextTokenModule):
         self.is_cvfp = isinstance(model, CVFPModel)
         self.data_layout = "positions" if self.is_cvfp else "windows"
         self.seq_batch_size = seq_batch_size
-        self._layers: list[Tensor] = []
+        self._contexts: InMemoryContexts | None = None
         self._has_weights = True
 
     def on_test_start(self) -> None:
-        if not self.is_cvfp:
-            return
-        seqs, world = self.trainer.datamodule.val_sequences, self.trainer.world_size
-        embedding, updater = self.model.context_modules()
-        _, layers = sequential_pass(updater, embedding, seqs, self.seq_batch_size, return_all_layers=True,
-                                    rank=self.global_rank, world_size=world)
-        if world > 1:
-            layers = [self.trainer.strategy.reduce(t, reduce_op="sum") for t in layers]
-        self._layers = layers
+        if self.is_cvfp:
+            splits = {"test": self.trainer.datamodule.val_sequences}
+            self._contexts = final_contexts(*self.model.context_modules(), splits, self.seq_batch_size, self.trainer)
 
     def logits_targets(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
         if self.is_cvfp:
-            pos = batch["positions"].to(self._layers[0].device)
-            layers = [layer[pos].to(self.device) for layer in self._layers]  # [(n, d_l)]
-            return self.model.logits(layers, self.model.embedding(batch["ids"])), batch["targets"]  # (n, V), (n,)
+            previous = self._contexts.previous("test", batch["positions"], batch["is_start"]).to(self.device)
+            return self.model.step(previous, batch["ids"])[1], batch["targets"]  # (n, V), (n,)
         return self.model(batch["input_ids"]), batch["targets"]  # (B, T, V), (B, T)
 
 

@@ -15,6 +15,7 @@ from cvfp_lightning.context_cache import (
     ContextSource,
     cache_components,
     contexts_config,
+    final_contexts,
     fingerprint,
     resolve_contexts,
 )
@@ -112,7 +113,8 @@ def test_cache_holds_the_final_contexts_of_the_sequential_pass_and_round_trips(t
 
 def test_per_layer_outputs_recomputed_from_final_contexts_equal_the_all_layer_pass():
     """Layer l at position i depends on (c_{i-1}, e_i) only: one parallel forward from the cached
-    final contexts gives every layer's output of the sequential pass (what Phase 2 reads)."""
+    final contexts gives every layer's output of the sequential pass (what Phase 2 and
+    ``cvfp evaluate`` read: D floats per position kept, not every layer's)."""
     torch.manual_seed(0)
     emb = build_embedding(50, {"embed_dim": 12}, default_dim=12)
     seqs = TokenSequences.from_lists([torch.randint(0, 50, (n,)).tolist() for n in (9, 4, 13)])
@@ -121,8 +123,14 @@ def test_per_layer_outputs_recomputed_from_final_contexts_equal_the_all_layer_pa
                 {"updater": "gated", "context_dim": 12, "num_layers": 2, "hidden_dim": 16}):
         upd = build_context_updater(cfg, 12)
         final, layers = sequential_pass(upd, emb, seqs, return_all_layers=True)
-        batch = seqs.position_batch(torch.arange(seqs.num_tokens))
-        previous = torch.where(batch["is_start"].unsqueeze(-1), 0.0, final[(batch["positions"] - 1).clamp_min(0)])
+        kept = final_contexts(emb, upd, {"test": seqs})
+        assert kept.tensors["test"].dtype == torch.float32 and kept.tensors["test"].shape == (seqs.num_tokens, 12)
+        torch.testing.assert_close(kept.tensors["test"], final, rtol=0, atol=0)
+        order = torch.randperm(seqs.num_tokens)  # batches draw positions in any order
+        batch = seqs.position_batch(order)
+        previous = kept.previous("test", batch["positions"], batch["is_start"])
+        assert previous[batch["is_start"]].abs().sum() == 0 and int(batch["is_start"].sum()) == 3  # 3 sequence starts
+        layers = [layer[order] for layer in layers]
         with torch.no_grad():
             _, again = upd.update_context_one_step(previous, emb(batch["ids"]), return_all_layers=True)
         assert len(again) == len(layers)

@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -237,13 +236,9 @@ class Phase2LM(NextTokenModule):
         context of the position before (``c_{i-1}``, 0 where a sequence starts): ``[(n, d_l)]``."""
         if self._contexts is None:
             raise RuntimeError("Phase2LM: contexts were not prepared (on_fit_start / on_validation_start).")
-        pos, ids = batch["positions"], batch["ids"]
-        previous = self._contexts.gather(self._test_split if split == "test" else split, (pos - 1).clamp_min(0))
-        previous = torch.where(batch["is_start"].cpu().unsqueeze(-1), 0.0, previous).to(self.device)  # (n, D)
-        with torch.no_grad():
-            _, context_layers = self.lm.updater.update_context_one_step(previous, self.lm.context_embed(ids),
-                                                                        return_all_layers=True)
-        return self.lm.logits(context_layers, self.lm.embedding(ids)), batch["targets"]  # (n, V), (n,)
+        previous = self._contexts.previous(self._test_split if split == "test" else split, batch["positions"],
+                                           batch["is_start"]).to(self.device)  # (n, D)
+        return self.lm.step(previous, batch["ids"])[1], batch["targets"]  # (n, V), (n,)
 
     def num_trainable_parameters(self) -> int:
         return self.lm.num_trainable_parameters()
