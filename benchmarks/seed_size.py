@@ -4,12 +4,17 @@
 ``stream``, vocabulary 50257, early stop at 95% convergence after at least 5 iterations)
 and ``configs/phase2_seed.yaml`` (tied head over the frozen embedding, cache hand-off), each a
 fresh ``cvfp fit`` subprocess in a temporary folder, with only the size changed: the seeds'
-500 UltraChat samples are about 625,000 GPT-2 tokens (``--tokens``), synthetic ids here.
+500 UltraChat samples are about 625,000 GPT-2 tokens (``--tokens``), synthetic ids here,
+laid out as 500 samples of 1,250 ids (``--sequences samples --max_seq_len 1250``, the
+default) or as the config's one stream (``--sequences stream``: its iteration 0 and the cache
+pass read the stream one token at a time, about 360 tokens/s on these 2 cores, 2.8 ms per
+token at 768 x 6, so 32 minutes per pass at 687,500 train + validation tokens).
 Memory is sampled as in ``scale.py`` (peak ``VmRSS`` / ``RssAnon`` per process,
 ``ru_maxrss``); Phase 1's iterations and last convergence rate and effective rank are read
 from its TensorBoard events.
 
-    python benchmarks/seed_size.py                                  # 625,000 tokens, 62,500 val
+    python benchmarks/seed_size.py                                  # 625,000 tokens (500 x 1,250), 62,500 val
+    python benchmarks/seed_size.py --sequences stream               # the config's one stream
     python benchmarks/seed_size.py --tokens 100000 --phase2_epochs 1
 
 Writes ``results/seed_size_<date>.json``.
@@ -45,6 +50,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=625_000, help="training tokens (one stream)")
     parser.add_argument("--val_tokens", type=int, default=62_500)
+    parser.add_argument("--sequences", choices=("samples", "stream"), default="samples")
+    parser.add_argument("--max_seq_len", type=int, default=1250, help="ids per sample (samples)")
     parser.add_argument("--phase2_epochs", type=int, default=1, help="Phase 2 epochs (the seed config runs up to 10)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between /proc samples")
@@ -54,7 +61,10 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CVFP_CACHE_DIR": str(work / "cache"), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "JSONARGPARSE_DEPRECATION_WARNINGS": "off",
            "OMP_NUM_THREADS": str(args.threads)}
-    data = ["--data.init_args.num_tokens", str(args.tokens), "--data.init_args.val_tokens", str(args.val_tokens)]
+    data = ["--data.init_args.num_tokens", str(args.tokens), "--data.init_args.val_tokens", str(args.val_tokens),
+            "--data.init_args.sequences", args.sequences]
+    if args.sequences == "samples":
+        data += ["--data.init_args.max_seq_len", str(args.max_seq_len)]
     quiet = ["--trainer.enable_progress_bar", "false"]
     report = {"args": vars(args), "loadavg_before": os.getloadavg()}
     try:
