@@ -7,7 +7,7 @@ fresh ``cvfp fit`` subprocess in a temporary folder, with only the size changed:
 500 UltraChat samples are about 625,000 GPT-2 tokens (``--tokens``), synthetic ids here,
 laid out as 500 samples of 1,250 ids (``--sequences samples --max_seq_len 1250``, the
 default) or as the config's one stream (``--sequences stream``: its iteration 0 and the cache
-pass read the stream one token at a time, about 360 tokens/s on these 2 cores, 2.8 ms per
+pass read the stream one token at a time, about 360 tokens/s on one thread here, 2.8 ms per
 token at 768 x 6, so 32 minutes per pass at 687,500 train + validation tokens).
 Memory is sampled as in ``scale.py`` (peak ``VmRSS`` / ``RssAnon`` per process,
 ``ru_maxrss``); Phase 1's iterations and last convergence rate and effective rank are read
