@@ -13,6 +13,10 @@ change during Phase 2: they are computed once (or read from the cache) and posit
 batches can be shuffled. The head is a zero-initialised ``Linear(E, V)`` (first loss
 ``ln V``) or, with ``weight_tying``, shares its weight tensor with the embedding matrix.
 
+With ``dropout`` p > 0, training (``module.train()``) drops each entry of ``c_il``, ``e_i`` (as
+the token block reads it) and ``t_i`` (before the head) with probability p (``nn.Dropout``,
+kept ones scaled by 1 / (1 - p)); the contexts themselves and every evaluation are untouched.
+
 With ``train_embedding`` the embedding trains (and a tied head with it) while the context
 block keeps reading a frozen copy of the Phase 1 embedding (``context_embedding``), so the
 contexts stay those of Phase 1.
@@ -41,11 +45,13 @@ class CVFPLanguageModel(nn.Module):
         weight_tying: the head's weight *is* the embedding matrix (same storage); it then
             trains only when the embedding does.
         train_embedding: train the embedding; the context block then reads a frozen copy.
+        dropout: training-time dropout on the token block's inputs and output (0 disables).
     """
 
     def __init__(self, embedding: TokenEmbedding, updater: ContextUpdater, weight_tying: bool = False,
-                 train_embedding: bool = False):
+                 train_embedding: bool = False, dropout: float = 0.0):
         super().__init__()
+        check(0.0 <= dropout < 1.0, f"model.dropout={dropout!r} is invalid: expected a value in [0, 1).")
         check(updater.embed_dim == embedding.embed_dim,
               f"the context block expects {updater.embed_dim}-dim token embeddings but the embedding has "
               f"{embedding.embed_dim}.")
@@ -57,6 +63,7 @@ class CVFPLanguageModel(nn.Module):
         self.embedding.embed.weight.requires_grad_(train_embedding)
         E, V = embedding.embed_dim, embedding.vocab_size
         self.token_block = TokenBlock(updater.layer_dims, E)
+        self.drop = nn.Dropout(dropout)
         self.weight_tying = weight_tying
         if weight_tying:
             self.head = nn.Linear(E, V, bias=False)
@@ -84,7 +91,10 @@ class CVFPLanguageModel(nn.Module):
 
     def logits(self, context_layers: list[Tensor], token_embed: Tensor) -> Tensor:
         """``[(..., d_l)] x L, (..., E) -> (..., V)``."""
-        return self.head(self.token_block(context_layers, token_embed))
+        if not (self.training and self.drop.p > 0):
+            return self.head(self.token_block(context_layers, token_embed))
+        tokens = self.token_block([self.drop(c) for c in context_layers], self.drop(token_embed))
+        return self.head(self.drop(tokens))
 
     def step(self, context: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Read one token: ``context (B, D), ids (B,) -> (new context (B, D), logits (B, V))``."""

@@ -140,6 +140,9 @@ class Phase2LM(NextTokenModule):
         freeze_embedding: keep the embedding fixed (the seed documents' setting with GPT-2 ``wte``).
         lr: Adam learning rate.
         grad_clip: max gradient norm (0 disables).
+        dropout: training-time dropout on the contexts and token embedding the token block reads and
+            on its output before the head (:class:`~cvfp_lightning.models.lm.CVFPLanguageModel`);
+            none in evaluation, so the exported model is the same function. 0 disables.
         cache: ``auto`` | ``require`` | ``off`` (see :mod:`cvfp_lightning.context_cache`).
         cache_path: cache folder; default ``context_cache/`` next to ``phase1_checkpoint``.
         seq_batch_size: sequences per batch of the sequential pass.
@@ -159,7 +162,7 @@ class Phase2LM(NextTokenModule):
 
     def __init__(self, vocab_size: int = 0, phase1_checkpoint: str | None = None, phase1: dict | None = None,
                  weight_tying: bool = False,
-                 freeze_embedding: bool = True, lr: float = 1e-3, grad_clip: float = 1.0,
+                 freeze_embedding: bool = True, lr: float = 1e-3, grad_clip: float = 1.0, dropout: float = 0.0,
                  cache: Literal["auto", "require", "off"] = "auto", cache_path: str | None = None,
                  seq_batch_size: int = 256, prompts: list[str] | str | None = None, prompt_file: str | None = None,
                  max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
@@ -181,10 +184,12 @@ class Phase2LM(NextTokenModule):
             self.phase1_path = resolve_checkpoint_path(phase1_checkpoint)
             embedding, updater, p1 = load_phase1(self.phase1_path, vocab_size)
         self.phase1_hparams = p1
-        self.lm = CVFPLanguageModel(embedding, updater, weight_tying=weight_tying, train_embedding=not freeze_embedding)
+        self.lm = CVFPLanguageModel(embedding, updater, weight_tying=weight_tying, train_embedding=not freeze_embedding,
+                                    dropout=dropout)
         self.phase1_digest = weights_digest(*self.lm.context_modules())
         self.save_hyperparameters({"vocab_size": int(p1["vocab_size"]), "weight_tying": weight_tying,
-                                   "freeze_embedding": freeze_embedding, "lr": lr, "grad_clip": grad_clip})
+                                   "freeze_embedding": freeze_embedding, "lr": lr, "grad_clip": grad_clip,
+                                   "dropout": dropout})
         self._contexts = None  # context_cache.Contexts: final contexts by position
         self._test_split = "test"
         self._contexts_for: tuple | None = None

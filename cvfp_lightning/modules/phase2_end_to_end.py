@@ -86,14 +86,12 @@ class Phase2EndToEnd(Phase2LM):
                  temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
                  top_p: float | None = None, seed: int | None = None):
         check_positive("model.context_lr", context_lr, allow_zero=True)
-        check(0.0 <= dropout < 1.0, f"model.dropout={dropout!r} is invalid: expected a value in [0, 1).")
         super().__init__(vocab_size, phase1_checkpoint, phase1, weight_tying, freeze_embedding, lr, grad_clip,
-                         cache="off", seq_batch_size=seq_batch_size, prompts=prompts, prompt_file=prompt_file,
+                         dropout=dropout, cache="off", seq_batch_size=seq_batch_size, prompts=prompts, prompt_file=prompt_file,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
                          top_p=top_p, seed=seed)
         self.lm.updater.requires_grad_(context_lr > 0)
-        self.save_hyperparameters({**self.hparams, "context_lr": context_lr, "dropout": dropout})
-        self.drop = torch.nn.Dropout(dropout)
+        self.save_hyperparameters({**self.hparams, "context_lr": context_lr})
         p1 = self.phase1_hparams
         self.phase1_threshold = float(p1.get("convergence_threshold", 0.03))
         self.phase1_noise_std = float(p1.get("noise_std", 0.1))
@@ -152,12 +150,9 @@ class Phase2EndToEnd(Phase2LM):
             c0 = torch.where(continues.unsqueeze(-1), carry, start)  # (B, D)
         else:
             c0 = start.expand(B, self.lm.updater.context_dim)
-        contexts, layers = unroll(self.lm.updater, self.drop(self.lm.context_embed(ids)), c0, return_all_layers=True)
+        contexts, layers = unroll(self.lm.updater, self.lm.drop(self.lm.context_embed(ids)), c0, return_all_layers=True)
         self._carry[split] = contexts[:, -1].detach()  # (B, D): truncated BPTT, no gradient into the past
-        if not (self.training and self.drop.p > 0):
-            return self.lm.logits(layers, self.lm.embedding(ids)), batch["targets"]  # (B, T, V), (B, T)
-        tokens = self.lm.token_block([self.drop(layer) for layer in layers], self.drop(self.lm.embedding(ids)))
-        return self.lm.head(self.drop(tokens)), batch["targets"]
+        return self.lm.logits(layers, self.lm.embedding(ids)), batch["targets"]  # (B, T, V), (B, T)
 
     def configure_optimizers(self):
         """Adam with two parameter groups: the context block at ``context_lr``, the rest at ``lr``."""

@@ -3,6 +3,7 @@ and Phase 1 -> Phase 2 -> test -> predict through the real CLI."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -81,6 +82,31 @@ def test_tied_head_shares_storage_and_trains_with_the_embedding():
     assert frozen.num_trainable_parameters() == sum(p.numel() for p in frozen.token_block.parameters())
 
 
+def test_dropout_acts_in_training_only_and_never_on_the_contexts():
+    lm = small_lm(vocab=50, dim=8, layers=2)
+    plain = small_lm(vocab=50, dim=8, layers=2)
+    dropped = CVFPLanguageModel(copy.deepcopy(plain.embedding), copy.deepcopy(plain.updater), dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    torch.nn.init.normal_(dropped.head.weight)  # a non-zero head, so dropped entries change the logits
+    plain.head.weight.data.copy_(dropped.head.weight)
+    context, ids = torch.randn(6, 8), torch.randint(0, 50, (6,))
+    dropped.eval()
+    c_eval, logits_eval = dropped.step(context, ids)
+    torch.testing.assert_close(logits_eval, plain.step(context, ids)[1], rtol=0, atol=0)  # evaluation: no dropout
+    dropped.train()
+    torch.manual_seed(1)
+    c_train, logits_train = dropped.step(context, ids)
+    torch.testing.assert_close(c_train, c_eval, rtol=0, atol=0)  # the context update is untouched
+    assert not torch.equal(logits_train, logits_eval)
+    # the same masks drawn by hand: c_l, e and t, in that order, kept entries scaled by 1 / (1 - p)
+    torch.manual_seed(1)
+    _, layers = dropped.updater.update_context_one_step(context, dropped.embedding(ids), return_all_layers=True)
+    drop = torch.nn.Dropout(0.5)
+    t = dropped.token_block([drop(c) for c in layers], drop(dropped.embedding(ids)))
+    torch.testing.assert_close(logits_train, dropped.head(drop(t)), rtol=0, atol=0)
+    assert lm.drop.p == 0.0
+
+
 def test_generation_carries_the_context_with_the_update_rule(monkeypatch):
     lm = small_lm(vocab=30)
     calls = []
@@ -119,7 +145,7 @@ def test_phase2_loads_and_freezes_the_phase1_weights(tmp_path):
     assert not any(p.requires_grad for p in model.lm.updater.parameters())
     assert not model.lm.embedding.weight.requires_grad
     assert model.lm.token_block.context_dims == [16, 16]
-    assert set(model.hparams) == {"vocab_size", "weight_tying", "freeze_embedding", "lr", "grad_clip"}
+    assert set(model.hparams) == {"vocab_size", "weight_tying", "freeze_embedding", "lr", "grad_clip", "dropout"}
 
 
 def test_phase1_checkpoint_glob_picks_the_newest(tmp_path):
@@ -187,6 +213,7 @@ def _bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
     ("prompt-file", {"prompt_file": "{tmp}/prompts.txt"}, "prompt_file=.* does not exist"),
     ("prompt-file-empty", {"prompt_file": "{empty}"}, "holds no prompt"),
     ("cache-mode", {"cache": "sometimes"}, "model.cache='sometimes' is unknown"),
+    ("dropout", {"dropout": 1.0}, "model.dropout=1.0 is invalid"),
 ])
 def test_bad_phase2_model_arguments_are_one_clear_error(tmp_path, case, kwargs, message):
     paths = {k: str(v) for k, v in _bad_checkpoints(tmp_path).items()}
