@@ -87,8 +87,8 @@ class Phase2EndToEnd(Phase2LM):
                  top_p: float | None = None, seed: int | None = None):
         check_positive("model.context_lr", context_lr, allow_zero=True)
         super().__init__(vocab_size, phase1_checkpoint, phase1, weight_tying, freeze_embedding, lr, grad_clip,
-                         dropout=dropout, cache="off", seq_batch_size=seq_batch_size, prompts=prompts, prompt_file=prompt_file,
-                         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
+                         dropout=dropout, cache="off", seq_batch_size=seq_batch_size, prompts=prompts,
+                         prompt_file=prompt_file, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
                          top_p=top_p, seed=seed)
         self.lm.updater.requires_grad_(context_lr > 0)
         self.save_hyperparameters({**self.hparams, "context_lr": context_lr})
@@ -150,7 +150,8 @@ class Phase2EndToEnd(Phase2LM):
             c0 = torch.where(continues.unsqueeze(-1), carry, start)  # (B, D)
         else:
             c0 = start.expand(B, self.lm.updater.context_dim)
-        contexts, layers = unroll(self.lm.updater, self.lm.drop(self.lm.context_embed(ids)), c0, return_all_layers=True)
+        embedded = self.lm.drop(self.lm.context_embed(ids))  # (B, T, E): the model's dropout, training only
+        contexts, layers = unroll(self.lm.updater, embedded, c0, return_all_layers=True)
         self._carry[split] = contexts[:, -1].detach()  # (B, D): truncated BPTT, no gradient into the past
         return self.lm.logits(layers, self.lm.embedding(ids)), batch["targets"]  # (B, T, V), (B, T)
 
