@@ -88,8 +88,8 @@ class Phase2EndToEnd(Phase2LM):
         check_positive("model.context_lr", context_lr, allow_zero=True)
         super().__init__(vocab_size, phase1_checkpoint, phase1, weight_tying, freeze_embedding, lr, grad_clip,
                          dropout=dropout, cache="off", seq_batch_size=seq_batch_size, prompts=prompts,
-                         prompt_file=prompt_file, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
-                         top_p=top_p, seed=seed)
+                         prompt_file=prompt_file, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, greedy=greedy, top_p=top_p, seed=seed)
         self.lm.updater.requires_grad_(context_lr > 0)
         self.save_hyperparameters({**self.hparams, "context_lr": context_lr})
         p1 = self.phase1_hparams
