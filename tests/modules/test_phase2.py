@@ -83,7 +83,6 @@ def test_tied_head_shares_storage_and_trains_with_the_embedding():
 
 
 def test_dropout_acts_in_training_only_and_never_on_the_contexts():
-    lm = small_lm(vocab=50, dim=8, layers=2)
     plain = small_lm(vocab=50, dim=8, layers=2)
     dropped = CVFPLanguageModel(copy.deepcopy(plain.embedding), copy.deepcopy(plain.updater), dropout=0.5)
     dropped.load_state_dict(plain.state_dict())
@@ -104,7 +103,7 @@ def test_dropout_acts_in_training_only_and_never_on_the_contexts():
     drop = torch.nn.Dropout(0.5)
     t = dropped.token_block([drop(c) for c in layers], drop(dropped.embedding(ids)))
     torch.testing.assert_close(logits_train, dropped.head(drop(t)), rtol=0, atol=0)
-    assert lm.drop.p == 0.0
+    assert plain.drop.p == 0.0
 
 
 def test_generation_carries_the_context_with_the_update_rule(monkeypatch):
