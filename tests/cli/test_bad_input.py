@@ -117,10 +117,20 @@ def test_bad_input_in_a_fresh_process_prints_exactly_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "cvfp: error: model.dist_reg_weight=2.0 is invalid: expected a value in [0, 1]."]
-    debug = subprocess.run([sys.executable, "-m", "cvfp_lightning.cli", "fit", "--config", P1, "--debug",
-                            "--model.init_args.dist_reg_weight", "2"], capture_output=True, text=True, env=env,
-                           cwd=ROOT, timeout=120)
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_debug_raises_the_error_itself(tmp_path):
+    """``--debug``: no one-line exit, the exception propagates (Python prints its traceback)."""
+    from cvfp_lightning.lightning_cli import CVFPArgumentParser
+
+    try:
+        with pytest.raises(Exception) as info:  # an Exception, not the SystemExit of the one-line error
+            run_cli(["fit", "--config", P1, "--debug", "--model.init_args.dist_reg_weight", "2",
+                     "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    finally:
+        CVFPArgumentParser.debug = False
+    assert "dist_reg_weight" in str(info.value) and "expected a value in [0, 1]" in str(info.value)
+    assert not list(tmp_path.iterdir())
 
 
 P2 = str(CONFIGS / "phase2.yaml")
