@@ -44,19 +44,19 @@ MARGINS = {"left": 0.14, "right": 0.97, "bottom": 0.12, "top": 0.92}
 
 
 def _finish(fig: Figure, ax, xlabel: str, ylabel: str, title: str, grid: str = "both",
-            right: float | None = None) -> Figure:
+            right: float = MARGINS["right"], fit_texts: bool = False) -> Figure:
     """Labels, title, grid (``grid``: axis) and legend of a one-axes figure in the fixed
-    :data:`MARGINS` (``right``: another right margin, as for a second y axis); ``right=0``
+    :data:`MARGINS` (``right``: another right margin, as for a second y axis); ``fit_texts``
     lays it out to fit its texts (tight_layout) instead, for labels of any length."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, axis=grid, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    if right == 0:
+    if fit_texts:
         fig.tight_layout()
     else:
-        fig.subplots_adjust(**{**MARGINS, **({"right": right} if right else {})})
+        fig.subplots_adjust(**{**MARGINS, "right": right})
     return fig
 
 
@@ -119,7 +119,7 @@ def curve_figure(history: Sequence[dict], best_epoch: int | None, title: str) ->
         right.yaxis.set_minor_formatter(NullFormatter())
     if best_epoch is not None:
         ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch {best_epoch}")
-    return _finish(fig, ax, "epoch", "val PPL", title, right=0.87 if second_axis else None)
+    return _finish(fig, ax, "epoch", "val PPL", title, right=0.87 if second_axis else MARGINS["right"])
 
 
 def topk_loss_figure(labels: Sequence[str], initial: Sequence[float], final: Sequence[float], threshold: float,
@@ -135,4 +135,4 @@ def topk_loss_figure(labels: Sequence[str], initial: Sequence[float], final: Seq
     if k <= 64:  # more labels would overlap: then the axis counts tokens
         ax.set_xticks(list(range(k)))
         ax.set_xticklabels(labels, rotation=90, fontsize=7)
-    return _finish(fig, ax, "token", "cyclic loss", title, grid="y", right=0)  # once a run: fit the token labels
+    return _finish(fig, ax, "token", "cyclic loss", title, grid="y", fit_texts=True)  # once a run
