@@ -40,13 +40,16 @@ class BaselineLM(NextTokenModule):
         dropout: dropout between layers.
         lr: Adam learning rate.
         grad_clip: max gradient norm (0 disables).
+        weight_decay: AdamW's decoupled weight decay of the weight matrices (0: Adam; see
+            :func:`cvfp_lightning.optim.adam`).
     """
 
     data_layout = "windows"
 
     def __init__(self, vocab_size: int = 0, arch: Literal["gru", "lstm", "transformer"] = "gru",
                  match_params: int | None = None, hidden_dim: int = 128, num_layers: int = 1, num_heads: int = 4,
-                 max_len: int = 512, dropout: float = 0.0, lr: float = 1e-3, grad_clip: float = 1.0):
+                 max_len: int = 512, dropout: float = 0.0, lr: float = 1e-3, grad_clip: float = 1.0,
+                 weight_decay: float = 0.0):
         super().__init__()
         check(arch in ARCHS, f"model.arch={arch!r} is unknown: expected one of {', '.join(ARCHS)}.")
         check(isinstance(vocab_size, int) and vocab_size > 0,
@@ -55,6 +58,7 @@ class BaselineLM(NextTokenModule):
               f"model.match_params={match_params!r} is invalid: expected a positive integer or null.")
         check(0.0 <= dropout < 1.0, f"model.dropout={dropout!r} is invalid: expected a value in [0, 1).")
         check_positive("model.lr", lr)
+        check_positive("model.weight_decay", weight_decay, allow_zero=True)
         check_positive("model.grad_clip", grad_clip, allow_zero=True)
         self.save_hyperparameters()
         width = (match_hidden_dim(arch, vocab_size, match_params, num_layers, num_heads, max_len)

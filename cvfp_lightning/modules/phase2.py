@@ -139,6 +139,8 @@ class Phase2LM(NextTokenModule):
             zero-initialised ``Linear(E, V)``.
         freeze_embedding: keep the embedding fixed (the seed documents' setting with GPT-2 ``wte``).
         lr: Adam learning rate.
+        weight_decay: AdamW's decoupled weight decay of the weight matrices (0: Adam; see
+            :func:`cvfp_lightning.optim.adam`).
         grad_clip: max gradient norm (0 disables).
         dropout: training-time dropout on the contexts and token embedding the token block reads and
             on its output before the head (:class:`~cvfp_lightning.models.lm.CVFPLanguageModel`);
@@ -166,10 +168,12 @@ class Phase2LM(NextTokenModule):
                  cache: Literal["auto", "require", "off"] = "auto", cache_path: str | None = None,
                  seq_batch_size: int = 256, prompts: list[str] | str | None = None, prompt_file: str | None = None,
                  max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
-                 greedy: bool = False, top_p: float | None = None, seed: int | None = None):
+                 greedy: bool = False, top_p: float | None = None, seed: int | None = None,
+                 weight_decay: float = 0.0):
         super().__init__()
         check(cache in CACHE_MODES, f"model.cache={cache!r} is unknown: expected one of {', '.join(CACHE_MODES)}.")
         check_positive("model.lr", lr)
+        check_positive("model.weight_decay", weight_decay, allow_zero=True)
         check_positive("model.grad_clip", grad_clip, allow_zero=True)
         check_positive("model.seq_batch_size", seq_batch_size)
         check_sampling(temperature, top_k, top_p, max_new_tokens, prefix="model.")
@@ -189,7 +193,7 @@ class Phase2LM(NextTokenModule):
         self.phase1_digest = weights_digest(*self.lm.context_modules())
         self.save_hyperparameters({"vocab_size": int(p1["vocab_size"]), "weight_tying": weight_tying,
                                    "freeze_embedding": freeze_embedding, "lr": lr, "grad_clip": grad_clip,
-                                   "dropout": dropout})
+                                   "dropout": dropout, "weight_decay": weight_decay})
         self._contexts = None  # context_cache.Contexts: final contexts by position
         self._test_split = "test"
         self._contexts_for: tuple | None = None

@@ -70,6 +70,7 @@ class Phase2EndToEnd(Phase2LM):
         lr: Adam learning rate of the token block, the head (and the embedding when it trains).
         context_lr: Adam learning rate of the context block (the seed README: "small"); 0 keeps the
             block frozen (the same training by windows, for a like-for-like comparison with it frozen).
+        weight_decay: AdamW's decoupled weight decay of the weight matrices of both groups (0: Adam).
         grad_clip: max gradient norm over all parameters (0 disables).
         dropout: training-time dropout (``nn.Dropout``) on the token embeddings the context block
             and the token block read, on the contexts the token block reads and on its output
@@ -84,12 +85,12 @@ class Phase2EndToEnd(Phase2LM):
                  context_lr: float = 1e-4, grad_clip: float = 1.0, dropout: float = 0.0, seq_batch_size: int = 256,
                  prompts: list[str] | str | None = None, prompt_file: str | None = None, max_new_tokens: int = 50,
                  temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
-                 top_p: float | None = None, seed: int | None = None):
+                 top_p: float | None = None, seed: int | None = None, weight_decay: float = 0.0):
         check_positive("model.context_lr", context_lr, allow_zero=True)
         super().__init__(vocab_size, phase1_checkpoint, phase1, weight_tying, freeze_embedding, lr, grad_clip,
                          dropout=dropout, cache="off", seq_batch_size=seq_batch_size, prompts=prompts,
                          prompt_file=prompt_file, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_k=top_k, greedy=greedy, top_p=top_p, seed=seed)
+                         top_k=top_k, greedy=greedy, top_p=top_p, seed=seed, weight_decay=weight_decay)
         self.lm.updater.requires_grad_(context_lr > 0)
         self.save_hyperparameters({**self.hparams, "context_lr": context_lr})
         p1 = self.phase1_hparams
@@ -156,14 +157,15 @@ class Phase2EndToEnd(Phase2LM):
         return self.lm.logits(layers, self.lm.embedding(ids)), batch["targets"]  # (B, T, V), (B, T)
 
     def configure_optimizers(self):
-        """Adam with two parameter groups: the context block at ``context_lr``, the rest at ``lr``."""
+        """Adam (AdamW with ``weight_decay``) with two parameter groups: the context block at
+        ``context_lr``, the rest at ``lr``."""
         context = [p for p in self.lm.updater.parameters() if p.requires_grad]
         ids = {id(p) for p in context}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
         groups = [{"params": rest, "lr": self.hparams.lr}]
         if context:
             groups.append({"params": context, "lr": self.hparams.context_lr})
-        return adam(groups, lr=self.hparams.lr, trainer=self._trainer)
+        return adam(groups, lr=self.hparams.lr, trainer=self._trainer, weight_decay=self.hparams.weight_decay)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def phase1_record(self) -> dict:

@@ -49,6 +49,7 @@ def test_baselines_are_causal_language_models(arch):
     ({"vocab_size": 0}, "vocab_size=0 is invalid"),
     ({"dropout": 1.0}, "dropout=1.0 is invalid"),
     ({"lr": 0}, "lr=0 is invalid"),
+    ({"weight_decay": -1.0}, "weight_decay=-1.0 is invalid"),
 ])
 def test_bad_baseline_options(kwargs, message):
     with pytest.raises(CVFPUserError, match=message):

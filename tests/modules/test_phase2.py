@@ -144,7 +144,22 @@ def test_phase2_loads_and_freezes_the_phase1_weights(tmp_path):
     assert not any(p.requires_grad for p in model.lm.updater.parameters())
     assert not model.lm.embedding.weight.requires_grad
     assert model.lm.token_block.context_dims == [16, 16]
-    assert set(model.hparams) == {"vocab_size", "weight_tying", "freeze_embedding", "lr", "grad_clip", "dropout"}
+    assert set(model.hparams) == {"vocab_size", "weight_tying", "freeze_embedding", "lr", "grad_clip", "dropout",
+                                  "weight_decay"}
+    assert type(model.configure_optimizers()) is torch.optim.Adam  # weight_decay 0: plain Adam
+
+
+def test_weight_decay_reaches_the_optimizer_for_the_trained_matrices_only(tmp_path):
+    ckpt = phase1_checkpoint(tmp_path / "p1" / "last.ckpt", V)
+    model = Phase2LM(vocab_size=V, phase1_checkpoint=str(ckpt), weight_tying=True, freeze_embedding=False,
+                     weight_decay=0.05)
+    optimizer = model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, p in named.items() if id(p) in decayed} == {n for n, p in named.items() if p.dim() >= 2}
+    assert "lm.embedding.embed.weight" in {n for n, p in named.items() if id(p) in decayed}  # the tied head, once
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(named)
 
 
 def test_phase1_checkpoint_glob_picks_the_newest(tmp_path):
@@ -213,6 +228,7 @@ def _bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
     ("prompt-file-empty", {"prompt_file": "{empty}"}, "holds no prompt"),
     ("cache-mode", {"cache": "sometimes"}, "model.cache='sometimes' is unknown"),
     ("dropout", {"dropout": 1.0}, "model.dropout=1.0 is invalid"),
+    ("weight-decay", {"weight_decay": -0.1}, "model.weight_decay=-0.1 is invalid"),
 ])
 def test_bad_phase2_model_arguments_are_one_clear_error(tmp_path, case, kwargs, message):
     paths = {k: str(v) for k, v in _bad_checkpoints(tmp_path).items()}

@@ -93,15 +93,19 @@ def test_two_learning_rates_and_no_context_cache(tmp_path, corpus, monkeypatch, 
 
     monkeypatch.setattr(phase2, "resolve_contexts", no_cache)
     model = Phase2EndToEnd(vocab_size=V, phase1_checkpoint=str(phase1_checkpoint(tmp_path / "p1" / "last.ckpt", V)),
-                           lr=2e-3, context_lr=5e-5)
+                           lr=2e-3, context_lr=5e-5, weight_decay=0.01)
     caplog.set_level("INFO")
     fit = trainer(max_steps=2, limit_val_batches=2)
     fit.fit(model, datamodule=text_data(corpus, batch_size=4, seq_len=8))
     groups = fit.optimizers[0].param_groups
     context_ids = {id(p) for p in model.lm.updater.parameters()}
-    assert [g["lr"] for g in groups] == [2e-3, 5e-5]
-    assert {id(p) for p in groups[1]["params"]} == context_ids
-    assert not context_ids & {id(p) for p in groups[0]["params"]}
+    # AdamW: each of the two learning rates split into its decayed matrices and its undecayed vectors
+    assert isinstance(fit.optimizers[0], torch.optim.AdamW)
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(2e-3, 0.01), (2e-3, 0.0), (5e-5, 0.01), (5e-5, 0.0)]
+    assert all(p.dim() >= 2 for g in groups if g["weight_decay"] for p in g["params"])
+    assert all(p.dim() < 2 for g in groups if not g["weight_decay"] for p in g["params"])
+    assert {id(p) for g in groups[2:] for p in g["params"]} == context_ids
+    assert not context_ids & {id(p) for g in groups[:2] for p in g["params"]}
     assert "context cache is not used" in caplog.text
     report = model.summary_extra()
     for key in ("phase1/convergence_rate", "phase1/effective_rank_pct", "phase1/convergence_rate_phase1",
