@@ -5,8 +5,8 @@ test split by ``cvfp evaluate`` (whole sequences, every token after the first of
 sequence, bits per UTF-8 byte of the test text):
 
     demo            configs/phase1.yaml + configs/phase2.yaml: bundled tokenizer, 128 x 3, frozen block
-    recipe          configs/text_phase1.yaml + configs/text_phase2.yaml: fitted tokenizer, 256 x 2,
-                    frozen block, trained embedding tied to the head (CVFP frozen)
+    recipe          configs/text_phase1.yaml + configs/text_phase2.yaml: fitted tokenizer, 384 x 2,
+                    frozen block, trained embedding tied to the head, weight decay (CVFP frozen)
     recipe_e2e      configs/text_phase2_e2e.yaml on the recipe's Phase 1: the context block trained
                     end to end (CVFP end-to-end; wall time is its Phase 2 alone)
     gru, lstm, transformer
