@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from helpers.cli import CONFIGS, run_cli
 from cvfp_lightning.models.context import unroll
@@ -144,6 +145,9 @@ def test_the_recipe_configs_run_export_evaluate_and_generate(tmp_path, corpus, c
     assert json.loads((frozen / "summary.json").read_text())["model"] == "Phase2LM"
     frozen_ckpt = torch.load(frozen / "checkpoints" / "best.ckpt", weights_only=True)
     assert find_data_snapshot(frozen_ckpt)["tokenizer"]["fingerprint"] == p1_tok
+    decay = yaml.safe_load((CONFIGS / "text_phase2.yaml").read_text())["model"]["init_args"]["weight_decay"]
+    assert decay > 0 and frozen_ckpt["hyper_parameters"]["weight_decay"] == decay  # the config's AdamW reached the run
+    assert sorted(g["weight_decay"] for g in frozen_ckpt["optimizer_states"][0]["param_groups"]) == [0.0, decay]
     run_cli(["fit", "--config", str(CONFIGS / "text_phase2_e2e.yaml"), *data, *QUIET, "--trainer.max_epochs", "1",
              "--data.init_args.seq_len", "16", "--model.init_args.phase1_checkpoint", str(p1),
              "--trainer.logger.init_args.save_dir", str(logs)])
