@@ -4,6 +4,7 @@ from cvfp_lightning.callbacks.cache_handoff import ContextCacheHandoff
 from cvfp_lightning.callbacks.diagnostics import CVFPDiagnostics
 from cvfp_lightning.callbacks.early_stopping import ConvergenceEarlyStopping
 from cvfp_lightning.callbacks.effective_rank import EffectiveRankMonitor
+from cvfp_lightning.callbacks.ema import EMAWeights
 from cvfp_lightning.callbacks.generation_writer import GenerationWriter
 from cvfp_lightning.callbacks.guard import NonFiniteGuard, TrainingDiverged
 from cvfp_lightning.callbacks.headline import HeadlineMetric
@@ -12,4 +13,5 @@ from cvfp_lightning.callbacks.run_summary import RunSummary
 from cvfp_lightning.callbacks.topk_report import TopKReport
 
 __all__ = ["ConvergenceEarlyStopping", "EffectiveRankMonitor", "CVFPDiagnostics", "NonFiniteGuard", "TrainingDiverged",
-           "ContextCacheHandoff", "GenerationWriter", "RunSummary", "TopKReport", "HeadlineMetric", "ResidualMonitor"]
+           "ContextCacheHandoff", "GenerationWriter", "RunSummary", "TopKReport", "HeadlineMetric", "ResidualMonitor",
+           "EMAWeights"]
