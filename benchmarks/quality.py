@@ -13,7 +13,7 @@ sequence, bits per UTF-8 byte of the test text):
                     BaselineLM (configs/baseline_gru.yaml, baseline_transformer.yaml: whole sequences
                     as windows), match_params = the recipe's trainable parameters, the recipe's fitted
                     tokenizer and data, Adam at ``--baseline_lr`` (default 0.002; AdamW with
-                    ``--baseline_weight_decay``)
+                    ``--baseline_weight_decay``; weight EMA with ``--baseline_ema``)
 
 Corpora (split files written to ``--work_dir``):
 
@@ -128,7 +128,8 @@ def recipe_settings() -> dict:
 
 
 def run_row(row: str, corpus: str, files: dict[str, Path], work: Path, done: dict, baseline_lr: float,
-            baseline_minutes: int | None = None, baseline_weight_decay: float = 0.0) -> dict:
+            baseline_minutes: int | None = None, baseline_weight_decay: float = 0.0,
+            baseline_ema: float | None = None) -> dict:
     logs = work / corpus / "logs"
     if row == "demo":
         p1 = fit_run("demo_phase1", CONFIGS / "phase1.yaml", data_args(files), logs)
@@ -152,10 +153,12 @@ def run_row(row: str, corpus: str, files: dict[str, Path], work: Path, done: dic
                  data_args(files, settings["tokenizer"]) + extra
                  + ["--model.init_args.match_params", str(params), "--model.init_args.lr", str(baseline_lr),
                     "--model.init_args.weight_decay", str(baseline_weight_decay)]
-                 + (["--trainer.max_time", f"00:00:{int(baseline_minutes):02d}:00"] if baseline_minutes else []),
+                 + (["--trainer.max_time", f"00:00:{int(baseline_minutes):02d}:00"] if baseline_minutes else [])
+                 + (["--trainer.callbacks+=cvfp_lightning.callbacks.EMAWeights",
+                     f"--trainer.callbacks.decay={baseline_ema}"] if baseline_ema else []),
                  logs)
     return {"phase2": lm, "match_params": params, "time_cap_minutes": baseline_minutes,
-            "weight_decay": baseline_weight_decay}
+            "weight_decay": baseline_weight_decay, "ema_decay": baseline_ema}
 
 
 def table(corpus: str, rows: dict) -> list[str]:
@@ -185,6 +188,8 @@ def main() -> None:
     parser.add_argument("--baseline_lr", type=float, default=0.002, help="Adam learning rate of the baselines")
     parser.add_argument("--baseline_weight_decay", type=float, default=0.0,
                         help="model.weight_decay of the baselines (AdamW on the weight matrices; 0: Adam)")
+    parser.add_argument("--baseline_ema", type=float, default=None,
+                        help="EMA decay of the baselines' weights (cvfp_lightning.callbacks.EMAWeights; default: none)")
     parser.add_argument("--baseline_minutes", type=int, default=None,
                         help="stop each baseline's fit after this many minutes (trainer.max_time; default: no cap)")
     parser.add_argument("--work_dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "cvfp_quality")
@@ -210,7 +215,7 @@ def main() -> None:
                 done[row] = json.loads(record_file.read_text())
             elif row in args.rows:
                 record = run_row(row, corpus, files, args.work_dir, done, args.baseline_lr, args.baseline_minutes,
-                                 args.baseline_weight_decay)
+                                 args.baseline_weight_decay, args.baseline_ema)
                 record["test"] = test_metrics(record["phase2"]["best"], files["test"])
                 from cvfp_lightning.export import load_model
 

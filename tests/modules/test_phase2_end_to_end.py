@@ -148,6 +148,13 @@ def test_the_recipe_configs_run_export_evaluate_and_generate(tmp_path, corpus, c
     decay = yaml.safe_load((CONFIGS / "text_phase2.yaml").read_text())["model"]["init_args"]["weight_decay"]
     assert decay > 0 and frozen_ckpt["hyper_parameters"]["weight_decay"] == decay  # the config's AdamW reached the run
     assert sorted(g["weight_decay"] for g in frozen_ckpt["optimizer_states"][0]["param_groups"]) == [0.0, decay]
+    assert "EMAWeights" in frozen_ckpt["callbacks"] and "current_model_state" in frozen_ckpt  # the EMA weights
+    frozen_summary = json.loads((frozen / "summary.json").read_text())
+    run_cli(["evaluate", str(frozen / "checkpoints" / "best.ckpt"), "--text", str(val),
+             "--out", str(tmp_path / "eval_frozen.json")])
+    frozen_eval = json.loads((tmp_path / "eval_frozen.json").read_text())
+    assert frozen_eval["bpb"] == pytest.approx(frozen_summary["val/bpb"], rel=1e-5)  # validated = saved weights
+    assert frozen_eval["tokens"] == frozen_summary["val/tokens"]
     run_cli(["fit", "--config", str(CONFIGS / "text_phase2_e2e.yaml"), *data, *QUIET, "--trainer.max_epochs", "1",
              "--data.init_args.seq_len", "16", "--model.init_args.phase1_checkpoint", str(p1),
              "--trainer.logger.init_args.save_dir", str(logs)])
