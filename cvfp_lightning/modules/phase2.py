@@ -279,14 +279,14 @@ class Phase2LM(NextTokenModule):
             prefixes = ("lm.embedding." if self.lm.context_embedding is None else "lm.context_embedding.",
                         "lm.updater.")
             found = state_digest(*({k[len(p):]: v for k, v in state.items() if k.startswith(p)} for p in prefixes))
-            averaged = "current_model_state" in checkpoint  # written by a Lightning WeightAveraging callback
-            check(found == record["weights"] or averaged,
-                  f"the checkpoint's context block is not the Phase 1 model it records ({record.get('checkpoint')}, "
-                  "weights digest differs): the file was altered; use the checkpoint its fit run wrote.")
-            check(found == record["weights"],
-                  "the checkpoint's averaged weights moved the frozen context block (Lightning's EMAWeightAveraging "
-                  "does not keep unchanged weights exact): train Phase 2 with cvfp_lightning.callbacks.EMAWeights, "
-                  "whose update leaves them bit-identical.")
+            if found != record["weights"]:
+                if "current_model_state" in checkpoint:  # written by a Lightning WeightAveraging callback
+                    raise CVFPUserError("the checkpoint's averaged weights moved the frozen context block (Lightning's "
+                                        "EMAWeightAveraging does not keep unchanged weights exact): train Phase 2 with "
+                                        "cvfp_lightning.callbacks.EMAWeights, whose update leaves them bit-identical.")
+                raise CVFPUserError(f"the checkpoint's context block is not the Phase 1 model it records "
+                                    f"({record.get('checkpoint')}, weights digest differs): the file was altered; use "
+                                    "the checkpoint its fit run wrote.")
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
