@@ -13,8 +13,8 @@ keeps the raw weights as ``current_model_state``, from which ``--ckpt_path`` res
 Why not Lightning's ``EMAWeightAveraging`` as it is: its update ``decay * w_avg + (1 - decay) * w``
 is not exact for a parameter that does not change, so a frozen Phase 1 context block drifts (by
 up to 1e-6 in 629 steps of the recipe, measured) and is then no longer the block the context
-cache was computed with (Phase 2 refuses such a checkpoint). ``lerp`` of equal values returns them exactly: a
-frozen block, a frozen embedding and every buffer stay bit-identical.
+cache was computed with (Phase 2 refuses such a checkpoint). ``lerp`` of equal values returns
+them exactly: a frozen block, a frozen embedding and every buffer stay bit-identical.
 """
 
 from __future__ import annotations
