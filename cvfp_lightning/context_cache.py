@@ -26,8 +26,9 @@ configuration is stale), each file's size, and, when a file's size or modificati
 differs from its record, its digest again: a file changed after it was written is refused.
 
 Modes (``cache`` of :class:`~cvfp_lightning.modules.phase2.Phase2LM`): ``auto`` reads a
-matching cache ("cache hit"), otherwise says why, recomputes and rewrites it (only a fit
-writes); ``require`` refuses a missing or stale cache with the reason; ``off`` computes the
+matching cache ("cache hit"), otherwise says why and recomputes the contexts; a fit writes
+them into its own run folder (or ``cache_path`` when given), never into the Phase 1 run's,
+and without a run folder (no logger) writes nothing; ``require`` refuses a missing or stale cache with the reason; ``off`` computes the
 contexts in memory (``4 D`` bytes per position of every split, on every rank) and never
 reads or writes a file.
 """
@@ -378,14 +379,15 @@ class ContextSource:
 
 
 def resolve_contexts(folder: str | Path | None, mode: str, source: ContextSource, trainer, batch_size: int = 256,
-                     write: bool = True) -> tuple[Contexts, str]:
+                     write: bool = True, write_folder: str | Path | None = None) -> tuple[Contexts, str]:
     """The contexts of ``source``: the cache at ``folder`` if it matches, else computed (and written).
 
     Returns ``(contexts, message)``; the message says "cache hit" or why the contexts were
     computed. ``mode``: ``auto`` | ``require`` | ``off`` (see the module docstring).
-    ``write``: a fit rewrites a missing or stale cache (all ranks together); evaluation never
-    writes and computes in memory. Raises CVFPUserError in ``require`` mode when the cache
-    is missing, unreadable or stale.
+    ``write``: a fit writes the contexts of a missing or stale cache (all ranks together) to
+    ``write_folder`` (default ``folder``: rewritten); evaluation never writes and computes in
+    memory. Raises CVFPUserError in ``require`` mode when the cache is missing, unreadable or
+    stale.
     """
     check(mode in CACHE_MODES, f"model.cache={mode!r} is unknown: expected one of {', '.join(CACHE_MODES)}.")
     start = time.perf_counter()
@@ -411,9 +413,11 @@ def resolve_contexts(folder: str | Path | None, mode: str, source: ContextSource
     if not write:
         contexts = source.compute(batch_size, trainer)
         return contexts, f"{why}; contexts computed in {time.perf_counter() - start:.1f}s (not written)"
+    target = Path(write_folder) if write_folder is not None else folder
     try:
-        cache = source.write(folder, trainer, batch_size)
+        cache = source.write(target, trainer, batch_size)
     except OSError as exc:
         contexts = source.compute(batch_size)
-        return contexts, f"{why}; contexts computed in {time.perf_counter() - start:.1f}s (could not write {folder}: {exc})"
-    return cache, f"{why}; contexts recomputed in {time.perf_counter() - start:.1f}s and the cache rewritten"
+        return contexts, f"{why}; contexts computed in {time.perf_counter() - start:.1f}s (could not write {target}: {exc})"
+    where = "the cache rewritten" if target == folder else f"cached in {target}"
+    return cache, f"{why}; contexts recomputed in {time.perf_counter() - start:.1f}s and {where}"

@@ -213,8 +213,17 @@ def test_phase2_with_other_data_rebuilds_or_refuses(tmp_path, corpus):
     dm = text_data(corpus)
     model = Phase2LM(vocab_size=V, phase1_checkpoint=str(ckpt), lr=1e-3)
     trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1).fit(model, datamodule=dm)
-    assert "no context cache" in model.context_status and (ckpt.parent / "context_cache" / META).is_file()
+    assert model.context_status.startswith("no context cache") and model.context_status.endswith("(not written)")
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt"]  # a run without a folder writes none
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(tmp_path / "logs", name="p2")
+    model = Phase2LM(vocab_size=V, phase1_checkpoint=str(ckpt), lr=1e-3)
+    trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=logger).fit(model, datamodule=dm)
+    own = tmp_path / "logs" / "p2" / "version_0" / "context_cache"
+    assert model.context_status.endswith(f"cached in {own}") and (own / META).is_file()
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt"]  # never the Phase 1 run's folder
     other = text_data(corpus, max_seq_len=64)  # same text, other sequences
-    strict = Phase2LM(vocab_size=V, phase1_checkpoint=str(ckpt), cache="require")
+    strict = Phase2LM(vocab_size=V, phase1_checkpoint=str(ckpt), cache="require", cache_path=str(own))
     with pytest.raises(CVFPUserError, match="stale: the training token ids differ; the validation token ids differ"):
         trainer(max_epochs=1, limit_train_batches=1).fit(strict, datamodule=other)

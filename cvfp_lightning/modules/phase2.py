@@ -47,6 +47,8 @@ from cvfp_lightning.context_cache import (
     weights_digest,
 )
 from cvfp_lightning.data.prompts import read_prompts
+from cvfp_lightning.data.snapshot import find_data_snapshot
+from cvfp_lightning.data.tokenizer import tokenizer_fingerprint
 from cvfp_lightning.errors import CVFPUserError, check, check_positive
 from cvfp_lightning.generation import check_sampling
 from cvfp_lightning.io import safe_torch_load
@@ -146,7 +148,9 @@ class Phase2LM(NextTokenModule):
             on its output before the head (:class:`~cvfp_lightning.models.lm.CVFPLanguageModel`);
             none in evaluation, so the exported model is the same function. 0 disables.
         cache: ``auto`` | ``require`` | ``off`` (see :mod:`cvfp_lightning.context_cache`).
-        cache_path: cache folder; default ``context_cache/`` next to ``phase1_checkpoint``.
+        cache_path: cache folder, read and (when stale or missing) rewritten. Default: read from
+            ``context_cache/`` next to ``phase1_checkpoint`` (Phase 1's ``ContextCacheHandoff``); a fit
+            that has to compute its contexts writes them into its own run folder, never the Phase 1 run's.
         seq_batch_size: sequences per batch of the sequential pass.
         prompts: generation prompts (``cvfp predict``).
         prompt_file: a UTF-8 file with one prompt per non-empty line.
@@ -203,6 +207,27 @@ class Phase2LM(NextTokenModule):
     def _cache_folder(self) -> Path:
         return Path(self.cache_path) if self.cache_path else self.phase1_path.parent / CACHE_DIRNAME
 
+    def _write_folder(self) -> Path | None:
+        """Where a fit writes contexts it had to compute: ``cache_path`` when given, else this run's
+        own log folder (None without a logger: not written); never the Phase 1 run's (its cache
+        is that run's, for its own data)."""
+        if self.cache_path:
+            return Path(self.cache_path)
+        has_folder = self.trainer.logger is not None and self.trainer.log_dir
+        return Path(self.trainer.log_dir) / CACHE_DIRNAME if has_folder else None
+
+    def _check_tokenizer(self) -> None:
+        """The data's tokenizer must be the Phase 1 run's (with a fitted one, same size is not enough)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        tok = getattr(dm, "tokenizer", None)
+        if tok is None or not self.phase1_path.is_file():
+            return
+        snapshot = find_data_snapshot(safe_torch_load(self.phase1_path)) or {}
+        expected = (snapshot.get("tokenizer") or {}).get("fingerprint")
+        check(expected is None or expected == tokenizer_fingerprint(tok),
+              f"the data's tokenizer is not the one Phase 1 was trained with ({self.phase1_path}): give the data "
+              "block (paths, splits, tokenizer) of that Phase 1 run.")
+
     # ---- contexts ----------------------------------------------------------------------------
     def _ensure_contexts(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -217,8 +242,10 @@ class Phase2LM(NextTokenModule):
             return
         source = ContextSource(*self.lm.context_modules(), dm, self.phase1_hparams)
         start = time.perf_counter()
+        write_folder = self._write_folder() if self.trainer.state.fn == "fit" else None
         self._contexts, message = resolve_contexts(self._cache_folder(), self.cache_mode, source, self.trainer,
-                                                   self.seq_batch_size, write=self.trainer.state.fn == "fit")
+                                                   self.seq_batch_size, write=write_folder is not None,
+                                                   write_folder=write_folder)
         self._test_split = "test" if getattr(dm, "test_sequences", None) is not None else "val"
         self._contexts_for = key
         self.context_status, self.context_seconds = message, time.perf_counter() - start
@@ -227,6 +254,7 @@ class Phase2LM(NextTokenModule):
             logger.log_metrics({"time/contexts_s": self.context_seconds}, step=self.global_step)
 
     def on_fit_start(self) -> None:
+        self._check_tokenizer()
         self._ensure_contexts()
 
     def on_validation_start(self) -> None:

@@ -45,11 +45,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from cvfp_lightning.data.snapshot import find_data_snapshot
-from cvfp_lightning.data.tokenizer import tokenizer_fingerprint
 from cvfp_lightning.diagnostics import phase1_fixed_point_stats
 from cvfp_lightning.errors import check, check_positive
-from cvfp_lightning.io import safe_torch_load
 from cvfp_lightning.models.context import unroll
 from cvfp_lightning.modules.phase2 import STATE_KEY, Phase2LM, load_phase1
 from cvfp_lightning.optim import adam
@@ -115,18 +112,6 @@ class Phase2EndToEnd(Phase2LM):
 
     def on_test_start(self) -> None:
         pass
-
-    def _check_tokenizer(self) -> None:
-        """The data's tokenizer must be the Phase 1 run's (with a fitted one, same size is not enough)."""
-        dm = getattr(self.trainer, "datamodule", None)
-        tok = getattr(dm, "tokenizer", None)
-        if tok is None or not self.phase1_path.is_file():
-            return
-        snapshot = find_data_snapshot(safe_torch_load(self.phase1_path)) or {}
-        expected = (snapshot.get("tokenizer") or {}).get("fingerprint")
-        check(expected is None or expected == tokenizer_fingerprint(tok),
-              f"the data's tokenizer is not the one Phase 1 was trained with ({self.phase1_path}): give the data "
-              "block (paths, splits, tokenizer) of that Phase 1 run.")
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()

@@ -143,14 +143,15 @@ def phase2_files(tmp_path_factory, existing_run, files) -> dict[str, str]:
 
     d = tmp_path_factory.mktemp("p2bad")
     p1 = str(next(existing_run.rglob("last.ckpt")))
-    # one good Phase 2 run: writes the context cache next to the Phase 1 checkpoint, gives a Phase 2 ckpt
+    # one good Phase 2 run: computes the contexts and caches them in its own run folder, gives a Phase 2 ckpt
     run_cli(["fit", "--config", P2, "--model.init_args.phase1_checkpoint", p1, *QUICK[:4],
              "--data.init_args.num_samples", "6", "--data.init_args.max_seq_len", "64", "--trainer.max_epochs", "1",
              "--trainer.logger.init_args.save_dir", str(d / "logs")])
     import json
     import shutil
 
-    cache = next(existing_run.rglob("context_cache"))
+    assert not list(existing_run.rglob("context_cache"))  # nothing written into the Phase 1 run
+    cache = next((d / "logs").rglob("context_cache"))
     shutil.copytree(cache, d / "tampered_cache")
     meta = json.loads((d / "tampered_cache" / "meta.json").read_text())
     meta["fingerprint"] = "0" * 64

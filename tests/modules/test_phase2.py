@@ -389,6 +389,42 @@ def test_evaluation_pairs_with_its_own_phase1_run_and_writes_into_no_other_run(t
         assert torch.equal(value, p1_state[f"updater.{name}"]), name
 
 
+@pytest.mark.slow
+def test_phase2_on_other_data_writes_no_phase1_file_and_refuses_another_tokenizer(tmp_path, corpus, capsys):
+    """Phase 2 on other sequences of the Phase 1 text (same tokenizer) computes its contexts and
+    caches them in its own run folder, the Phase 1 run untouched; a tokenizer fitted on another
+    text, of the same size, is refused before any training."""
+    logs = tmp_path / "logs"
+    fit300 = ["--data.init_args.tokenizer", "{train: {vocab_size: 300}}"]
+    data = ["--data.init_args.paths", f"[{corpus}]", "--data.init_args.max_seq_len", "128", *fit300]
+    run_cli(["fit", "--config", str(CONFIGS / "phase1.yaml"), *data, *QUIET, "--trainer.max_epochs", "1",
+             "--model.init_args.context.context_dim", "16", "--model.init_args.context.num_layers", "1",
+             "--model.init_args.embedding.embed_dim", "16", "--trainer.logger.init_args.save_dir", str(logs)])
+    phase1 = logs / "phase1" / "version_0"
+    before = _file_digests(phase1)
+    assert "checkpoints/context_cache/meta.json" in before
+    phase2 = ["fit", "--config", str(CONFIGS / "phase2.yaml"), *QUIET, "--trainer.max_epochs", "1",
+              "--data.init_args.chunk_size", "512", "--model.init_args.phase1_checkpoint",
+              str(phase1 / "checkpoints" / "last.ckpt"), "--trainer.logger.init_args.save_dir", str(logs)]
+    run_cli([*phase2, *data[:-2], "--data.init_args.max_seq_len", "64", *fit300])  # other sequences
+    run_dir = logs / "phase2" / "version_0"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "is stale" in summary["contexts"] and f"cached in {run_dir / 'context_cache'}" in summary["contexts"]
+    assert (run_dir / "context_cache" / "meta.json").is_file()
+    assert _file_digests(phase1) == before  # not a byte of the Phase 1 run changed
+
+    other = tmp_path / "other.txt"  # the same paragraphs reversed: another fit, 300 ids as well
+    other.write_text("\n\n".join(reversed(corpus.read_text(encoding="utf-8").split("\n\n"))), encoding="utf-8")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run_cli([*phase2, "--data.init_args.paths", f"[{other}]", "--data.init_args.max_seq_len", "128", *fit300])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1
+    assert err[0].startswith("cvfp: error: the data's tokenizer is not the one Phase 1 was trained with")
+    assert not (logs / "phase2" / "version_1" / "checkpoints").exists()
+    assert _file_digests(phase1) == before
+
+
 def test_a_phase2_checkpoint_whose_context_block_was_altered_is_refused(tmp_path):
     model = Phase2LM(vocab_size=V, phase1_checkpoint=str(phase1_checkpoint(tmp_path / "p1.ckpt", V)))
     checkpoint = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
