@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from cvfp_lightning.errors import CVFPUserError
 from cvfp_lightning.metrics import NextTokenMetric, next_token_stats, private_metric_states
 from cvfp_lightning.models.legacy import upgrade_checkpoint
+from cvfp_lightning.modules.checkpoint_fit import check_checkpoint_fits
 from cvfp_lightning.optim import clip_gradients, configure_adam
 
 SPLIT_OUTPUTS = {"train": ("ppl", "acc", "tokens"), "val": NextTokenMetric.OUTPUTS, "test": NextTokenMetric.OUTPUTS}
@@ -156,7 +157,12 @@ class NextTokenModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         upgrade_checkpoint(self, checkpoint)
+        self.check_checkpoint_fits(checkpoint)
         self._has_weights = True
+
+    def check_checkpoint_fits(self, checkpoint: dict) -> None:
+        """Refuse, as one line, a checkpoint whose weights do not fit (before Lightning loads them)."""
+        check_checkpoint_fits(self, checkpoint)
 
     def on_fit_end(self) -> None:
         self._has_weights = True

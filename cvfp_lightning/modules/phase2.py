@@ -56,6 +56,7 @@ from cvfp_lightning.models.context import build_context_updater
 from cvfp_lightning.models.embedding import build_embedding
 from cvfp_lightning.models.legacy import upgrade_legacy_state_dict
 from cvfp_lightning.models.lm import CVFPLanguageModel
+from cvfp_lightning.modules.checkpoint_fit import shape_mismatches
 from cvfp_lightning.modules.lm_base import NextTokenModule
 
 STATE_KEY = "cvfp_phase2"
@@ -315,18 +316,21 @@ class Phase2LM(NextTokenModule):
                 raise CVFPUserError(f"the checkpoint's context block is not the Phase 1 model it records "
                                     f"({record.get('checkpoint')}, weights digest differs): the file was altered; use "
                                     "the checkpoint its fit run wrote.")
+        self._contexts_for = None  # weights may have changed: contexts are checked again
+
+    def check_checkpoint_fits(self, checkpoint: dict) -> None:
+        """The checkpoint's weights are this model's, name for name and shape for shape (one line if not)."""
+        state = checkpoint.get("state_dict", {})
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
-        shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(state)) if tuple(state[k].shape) != tuple(own[k].shape)]
+        shapes = shape_mismatches(self, state)
         if missing or unexpected or shapes:
             detail = "; ".join(shapes[:4] + [f"missing {missing[:4]}"] * bool(missing)
                                + [f"unexpected {unexpected[:4]}"] * bool(unexpected))
             raise CVFPUserError(f"the checkpoint does not fit this Phase 2 model built from {str(self.phase1_path)!r} "
                                 f"(a Phase 1 model of another shape, or other weight_tying/freeze_embedding): {detail}. "
                                 "Use the phase1_checkpoint and settings of the run that wrote it.")
-        self._contexts_for = None  # weights may have changed: contexts are checked again
 
     # ---- generation ----------------------------------------------------------------------------
     def data_request(self) -> dict:

@@ -43,6 +43,7 @@ from cvfp_lightning.metrics import private_metric_states
 from cvfp_lightning.models.context import ContextConfig, build_context_updater, unroll
 from cvfp_lightning.models.embedding import EmbeddingConfig, build_embedding
 from cvfp_lightning.models.legacy import upgrade_checkpoint
+from cvfp_lightning.modules.checkpoint_fit import check_checkpoint_fits
 from cvfp_lightning.optim import clip_gradients, configure_adam
 
 # the research script's model: context 256, embed 256, hidden 512, 2 FNN layers, the simple updater
@@ -210,6 +211,7 @@ class RepetitionCVFPT(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         upgrade_checkpoint(self, checkpoint)
+        check_checkpoint_fits(self, checkpoint)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Besides config (hyper_parameters) and weights, keep the last logged metrics."""

@@ -96,6 +96,20 @@ def test_resume_with_a_changed_shape_is_refused(tmp_path, capsys):
     assert "context.context_dim: checkpoint 32 vs config 48" in err
 
 
+def test_resume_with_another_vocabulary_is_one_line(tmp_path, capsys):
+    """A tokenizer of another size changes the embedding's shape: refused before Lightning's
+    multi-line load error, with the weights named."""
+    logs = phase1(tmp_path, "--trainer.max_epochs", "1", "--data.init_args.tokenizer", "{train: {vocab_size: 300}}")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        phase1(tmp_path, "--trainer.max_epochs", "2", "--data.init_args.tokenizer", "{train: {vocab_size: 400}}",
+               "--ckpt_path", str(last_ckpt(logs)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1
+    assert err[0].startswith("cvfp: error: the checkpoint does not fit this Phase1Parallel (embedding.embed.weight: "
+                             "checkpoint (300, 32) vs model (400, 32)")
+
+
 def test_bf16_mixed_precision_completes(tmp_path):
     scalars = read_scalars(phase1(tmp_path, "--trainer.max_epochs", "2", "--trainer.precision", "bf16-mixed",
                                   "--trainer.callbacks", "[]"))

@@ -21,6 +21,7 @@ from cvfp_lightning.metrics import ConvergenceRate, ResidualHistogram, private_m
 from cvfp_lightning.models.context import ContextConfig, build_context_updater
 from cvfp_lightning.models.embedding import EmbeddingConfig, build_embedding
 from cvfp_lightning.models.legacy import upgrade_checkpoint
+from cvfp_lightning.modules.checkpoint_fit import check_checkpoint_fits
 from cvfp_lightning.optim import configure_adam
 
 STATE_KEY = "cvfp_phase1_state"
@@ -149,6 +150,7 @@ class Phase1Base(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         upgrade_checkpoint(self, checkpoint)
+        check_checkpoint_fits(self, checkpoint)
         state = checkpoint.get(STATE_KEY)
         if state is None:
             return
