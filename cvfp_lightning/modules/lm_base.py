@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from cvfp_lightning.errors import CVFPUserError
+from cvfp_lightning.errors import CVFPUserError, check
 from cvfp_lightning.metrics import NextTokenMetric, next_token_stats, private_metric_states
 from cvfp_lightning.models.legacy import upgrade_checkpoint
 from cvfp_lightning.modules.checkpoint_fit import check_checkpoint_fits
@@ -68,12 +68,26 @@ class NextTokenModule(L.LightningModule):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     # ---- steps -----------------------------------------------------------------------------
-    def _num_bytes(self, split: str) -> int:
+    def _sequences(self, split: str):
         dm = getattr(self.trainer, "datamodule", None)
         seqs = getattr(dm, f"{split}_sequences", None)
         if split == "test" and seqs is None:  # no test split: the data module tests on the validation split
             seqs = getattr(dm, "val_sequences", None)
-        return int(getattr(seqs, "num_bytes", 0) or 0)
+        return seqs
+
+    def _num_bytes(self, split: str) -> int:
+        return int(getattr(self._sequences(split), "num_bytes", 0) or 0)
+
+    def _require_targets(self, split: str) -> None:
+        """A split whose sequences are all one token long has nothing to predict: its loss would
+        read 0 and its perplexity 1. Refused as one line."""
+        seqs = self._sequences(split)
+        if seqs is None or not hasattr(seqs, "num_sequences"):
+            return
+        check(seqs.num_tokens > seqs.num_sequences,
+              f"the {split} split has no token to predict: its {seqs.num_sequences:,} sequences are one token "
+              f"each (a token is predicted from the ones before it in its sequence); raise data.max_seq_len or "
+              "give longer samples.")
 
     def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
         """Update the split's metrics; returns ``(nll_sum, count)`` of the batch."""
@@ -129,6 +143,7 @@ class NextTokenModule(L.LightningModule):
 
     # ---- hooks -------------------------------------------------------------------------------
     def on_train_start(self) -> None:
+        self._require_targets("train")
         rank_zero_info(f"{type(self).__name__}: {self.num_trainable_parameters():,} trainable parameters")
 
     def on_train_epoch_start(self) -> None:
@@ -139,11 +154,13 @@ class NextTokenModule(L.LightningModule):
         self.log("time/epoch_s", seconds, on_step=False, on_epoch=True)
 
     def on_validation_epoch_start(self) -> None:
+        self._require_targets("val")
         self.val_lm["bpb"].num_bytes = self._num_bytes("val")
         if self.trainer.state.fn == "validate":
             self._require_weights("validate")
 
     def on_test_epoch_start(self) -> None:
+        self._require_targets("test")
         self.test_lm["bpb"].num_bytes = self._num_bytes("test")
         self._require_weights("test")
 

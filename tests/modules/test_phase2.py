@@ -307,6 +307,23 @@ def test_phase1_then_phase2_with_a_cache_hit_then_test_and_predict(tmp_path, cor
 
 
 @pytest.mark.slow
+def test_sequences_of_one_token_leave_nothing_to_predict_and_are_refused(tmp_path, corpus, capsys):
+    """max_seq_len 1: every position is the last of its sequence. Fit stops with one line instead
+    of logging loss 0 and perplexity 1."""
+    ckpt = phase1_checkpoint(tmp_path / "p1" / "last.ckpt", V)
+    with pytest.raises(SystemExit) as info:
+        run_cli(["fit", "--config", str(CONFIGS / "phase2.yaml"), "--data.init_args.paths", f"[{corpus}]", *QUIET,
+                 "--data.init_args.max_seq_len", "1", "--model.init_args.phase1_checkpoint", str(ckpt),
+                 "--model.init_args.cache", "off", "--trainer.max_epochs", "1",
+                 "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2
+    assert err[-1].startswith("cvfp: error: the train split has no token to predict: its ")
+    assert "sequences are one token each" in err[-1] and "data.max_seq_len" in err[-1]
+    assert not list((tmp_path / "logs").rglob("summary.json"))  # no metrics of nothing
+
+
+@pytest.mark.slow
 def test_cli_refuses_test_without_weights_and_bad_prompts(tmp_path, corpus, capsys):
     ckpt = phase1_checkpoint(tmp_path / "p1" / "last.ckpt", V)
     args = ["--config", str(CONFIGS / "phase2.yaml"), "--data.init_args.paths", f"[{corpus}]", *QUIET,
