@@ -397,6 +397,7 @@ OUTPUT_CASES = [
 @pytest.mark.parametrize("command, target, message", [
     *[("evaluate", t, m) for t, m in OUTPUT_CASES], ("evaluate", "{tmp}/precious.txt", "is not an earlier evaluation"),
     *[("generate", t, m) for t, m in OUTPUT_CASES], ("generate", "{tmp}/precious.txt", "is not earlier generations"),
+    *[("export", t, m) for t, m in OUTPUT_CASES[1:]], ("export", "{tmp}/precious.txt", "is a file: give a folder"),
 ])
 def test_a_bad_output_path_is_one_line_before_the_work(command, target, message, exports, runs, tmp_path, capsys,
                                                        monkeypatch):
@@ -481,6 +482,43 @@ def test_a_failed_write_after_the_scoring_is_one_line_and_the_result_is_printed(
     line = cli_error(["generate", str(exports["gru"]), "--prompt", "hi", "--max_new_tokens", "2", "--out", str(out)],
                      capsys)
     assert line.endswith("could not be written (No space left on device); the continuations are printed above.")
+
+
+def test_export_overwrite_refuses_a_folder_with_a_users_files(exports, runs, tmp_path, capsys):
+    import shutil
+
+    earlier = tmp_path / "mine"
+    shutil.copytree(exports["frozen"], earlier)
+    (earlier / "my_notes.txt").write_text(PRECIOUS)
+    (earlier / "sub").mkdir()
+    (earlier / "sub" / "f").write_text("f\n")
+    before = {p.relative_to(earlier): p.read_bytes() for p in earlier.rglob("*") if p.is_file()}
+    line = cli_error(["export", "--ckpt_path", str(runs["gru"]), "--out_dir", str(earlier), "--overwrite", "true"],
+                     capsys)
+    assert f"--out_dir {str(earlier)!r} holds my_notes.txt, sub/, which an export does not write" in line
+    assert {p.relative_to(earlier): p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_a_failed_swap_of_export_folders_keeps_the_earlier_export(exports, runs, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    earlier = tmp_path / "mine"
+    shutil.copytree(exports["frozen"], earlier)
+    before = {p.name: p.read_bytes() for p in earlier.iterdir()}
+    replace = os.replace
+
+    def failing(src, dst):
+        if str(src).endswith(".tmp"):  # the new export's move into place
+            raise OSError(5, "Input/output error")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    line = cli_error(["export", "--ckpt_path", str(runs["gru"]), "--out_dir", str(earlier), "--overwrite", "true"],
+                     capsys)
+    assert line.endswith("could not be written (Input/output error); nothing there was changed.")
+    assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
 # ---- train -> export -> evaluate -> generate through the CLI ---------------------------------------------
