@@ -27,12 +27,18 @@ that fit's ``val/*``. ``--trainer.*`` flags shard the work over ranks (``--train
 
 Output: the JSON object is printed on stdout and written to ``--out`` (default
 ``evaluation.json`` in the working directory); nothing else is written except the token
-cache (``$CVFP_CACHE_DIR``, keyed by content, as in training).
+cache (``$CVFP_CACHE_DIR``, keyed by content, as in training). ``--out`` is checked before
+the scoring: an existing file there is replaced only when it is an earlier evaluation (a
+JSON object with the keys of :data:`EVALUATION_KEYS`) or empty; any other file is refused
+and kept, as are a folder or a path that cannot be written. Repeated evaluations in one
+folder thus replace their own ``evaluation.json``. A write that fails after the scoring is
+one error too; the result was printed first.
 """
 
 from __future__ import annotations
 
 import codecs
+import json
 import sys
 import time
 from pathlib import Path
@@ -44,10 +50,22 @@ from cvfp_lightning.context_cache import InMemoryContexts, final_contexts
 from cvfp_lightning.data.text import TextDataModule
 from cvfp_lightning.errors import CVFPUserError, check
 from cvfp_lightning.hub import CVFPModel
-from cvfp_lightning.io import atomic_write_json
+from cvfp_lightning.io import check_output_file, read_text_upto, write_output
 from cvfp_lightning.modules.lm_base import NextTokenModule
 
 DEFAULT_OUT = "evaluation.json"
+EVALUATION_KEYS = ("model", "files", "tokens", "loss", "ppl", "acc", "bpb")  # in every record main writes
+EARLIER = "an earlier evaluation (a JSON object with the keys " + ", ".join(EVALUATION_KEYS) + ")"
+
+
+def is_evaluation(path: Path) -> bool:
+    """Whether ``path`` holds an earlier ``cvfp evaluate`` record (what ``--out`` may replace)."""
+    text = read_text_upto(path, 16 << 20)
+    try:
+        record = json.loads(text) if text is not None else None
+    except ValueError:
+        return False
+    return isinstance(record, dict) and all(key in record for key in EVALUATION_KEYS)
 
 
 def check_text_files(paths: list[str]) -> list[Path]:
@@ -167,7 +185,9 @@ def build_parser():
         "Score whole UTF-8 text files with an exported model (cvfp export) or a Phase 2 / baseline checkpoint: "
         "tokens, bytes, loss, ppl, acc, bpb, as JSON on stdout and in --out. Text is arranged as in training."))
     parser.add_argument("--text", type=str, nargs="+", required=True, help="the UTF-8 text files to score")
-    parser.add_argument("--out", type=str, default=DEFAULT_OUT, help="where the JSON result is written")
+    parser.add_argument("--out", type=str, default=DEFAULT_OUT, help=(
+        "where the JSON result is written; an existing file there is replaced only when it is an earlier "
+        "evaluation (or empty), any other is refused and kept"))
     parser.add_argument("--sample_by", type=Optional[Literal["paragraph", "line", "document"]], default=None,
                         help="how files split into samples; default: as in training")
     parser.add_argument("--seq_batch_size", type=int, default=256, help="sequences per batch of the context pass")
@@ -179,8 +199,6 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> None:
     """``cvfp evaluate MODEL --text FILE [FILE ...] [--out evaluation.json] [--trainer.* ...]``."""
-    import json
-
     import lightning as L
 
     from cvfp_lightning.export import load_model
@@ -189,9 +207,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     files = check_text_files(cfg.text)
     check(cfg.seq_batch_size > 0, f"--seq_batch_size={cfg.seq_batch_size!r} is invalid: expected a positive integer.")
+    check_output_file(cfg.out, "--out", is_evaluation, EARLIER)  # before the scoring, so that no work is lost
     model = load_model(cfg.model, cfg.tokenizer)
     trainer = L.Trainer(**parser.instantiate_classes(cfg).trainer)
     record = {"model": str(cfg.model), **evaluate(model, files, trainer, cfg.sample_by, cfg.seq_batch_size)}
     if trainer.is_global_zero:
-        atomic_write_json(record, cfg.out)
-        print(json.dumps(record, indent=2, sort_keys=True))
+        text = json.dumps(record, indent=2, sort_keys=True)
+        print(text, flush=True)  # first: a failed write still leaves the result
+        write_output(text + "\n", cfg.out, "--out", is_evaluation, EARLIER, note="; the result is printed above")

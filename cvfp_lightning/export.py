@@ -21,8 +21,11 @@ scalars, when that folder is still there), the validation and test metrics of th
 (``config.yaml`` of the run folder).
 
 The folder is written next to ``out_dir`` and renamed into place: a failed export leaves
-nothing. An existing non-empty ``out_dir`` is replaced only with ``--overwrite true`` and
-only when it is a cvfp_lightning export itself.
+nothing, and a path that cannot be written is one error before the checkpoint is read. An
+existing non-empty ``out_dir`` is replaced only with ``--overwrite true``, only when it is a
+cvfp_lightning export itself and only when it holds nothing but an export's own files
+(:data:`EXPORT_FILES`): a folder with anything else in it (notes, sub-folders) is refused
+with those entries named, and left as it is.
 
 :func:`load_model` opens either form (an exported folder or a checkpoint) for
 ``cvfp evaluate`` and ``cvfp generate``.
@@ -42,9 +45,12 @@ from typing import Optional
 from cvfp_lightning.data.snapshot import find_data_snapshot, restore_tokenizer
 from cvfp_lightning.errors import CVFPUserError, check
 from cvfp_lightning.hub import FORMAT, BaselineModel, CVFPModel, load_exported, read_export_config
-from cvfp_lightning.io import safe_torch_load
+from cvfp_lightning.io import check_writable_folder, safe_torch_load
 
 METRICS = ("loss", "ppl", "acc", "bpb")
+# what save_pretrained writes (special_tokens_map.json and added_tokens.json: older transformers' tokenizers)
+EXPORT_FILES = frozenset({"model.safetensors", "config.json", "README.md", "tokenizer.json", "tokenizer_config.json",
+                          "special_tokens_map.json", "added_tokens.json"})
 PHASE1_TAGS = ("train/convergence_rate", "val/convergence_rate", "train/effective_rank_pct", "val/effective_rank_pct")
 
 
@@ -313,34 +319,58 @@ def _is_export(folder: Path) -> bool:
         return False
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = False,
-                      tokenizer: str | None = None) -> Path:
-    """Write the export of ``ckpt_path`` to ``out_dir`` (see the module docstring); returns ``out_dir``."""
-    ckpt_path, out = Path(ckpt_path).expanduser(), Path(out_dir).expanduser()
-    if out.exists():
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """That ``out`` may be written: new or empty, or (``overwrite``) an earlier export holding only its own files."""
+    if out.exists() or out.is_symlink():
         check(out.is_dir(), f"--out_dir {str(out)!r} is a file: give a folder (it is created).")
-        if any(out.iterdir()):
+        entries = sorted(os.listdir(out))
+        if entries:
             check(overwrite, f"--out_dir {str(out)!r} exists and is not empty: give a new folder, or pass "
                              "--overwrite true to replace an earlier export.")
             check(_is_export(out), f"--out_dir {str(out)!r} is not a cvfp_lightning export: it is not replaced; "
                                    "give a new folder.")
+            extra = [e + ("/" if (out / e).is_dir() else "") for e in entries
+                     if e not in EXPORT_FILES or not (out / e).is_file() or (out / e).is_symlink()]
+            listed = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+            check(not extra, f"--out_dir {str(out)!r} holds {listed}, which an export does not write: it is not "
+                             "replaced, so they are kept; move them out of the folder, or give a new folder.")
+    check_writable_folder(out.parent, "--out_dir", out)
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = False,
+                      tokenizer: str | None = None) -> Path:
+    """Write the export of ``ckpt_path`` to ``out_dir`` (see the module docstring); returns ``out_dir``."""
+    ckpt_path, out = Path(ckpt_path).expanduser(), Path(out_dir).expanduser()
+    check_out_dir(out, overwrite)
     model, ckpt, module = model_from_checkpoint(ckpt_path, tokenizer)
     body = model_card(model, ckpt, module, ckpt_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = old = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         model.save_pretrained(tmp, model_card_kwargs={"body": body})
         umask = os.umask(0o022)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp and safetensors create private files: an export is for sharing
         for path in tmp.iterdir():
             os.chmod(path, 0o666 & ~umask)
-        if out.exists():
-            shutil.rmtree(out)
+        check_out_dir(out, overwrite)  # again: what was added to it meanwhile is not lost either
+        if out.exists():  # set aside, not deleted, until the new export is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old)
         os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp = None
+    except OSError as exc:
+        raise CVFPUserError(f"--out_dir {str(out)!r} could not be written ({exc.strerror or type(exc).__name__}); "
+                            "nothing there was changed.") from exc
+    finally:
+        if tmp is not None:  # it failed: the new folder goes, an earlier export set aside comes back
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None:
+                os.rmdir(old) if out.exists() else os.replace(old, out)
+                old = None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -365,7 +395,8 @@ def build_parser():
         "(cvfp_lightning.hub) or use it with cvfp evaluate / cvfp generate."))
     parser.add_argument("--ckpt_path", type=str, required=True, help="the checkpoint, e.g. <run>/checkpoints/best.ckpt")
     parser.add_argument("--out_dir", type=str, required=True, help="the folder to write (created)")
-    parser.add_argument("--overwrite", type=bool, default=False, help="replace an earlier export in out_dir")
+    parser.add_argument("--overwrite", type=bool, default=False, help=(
+        "replace an earlier export in out_dir; a folder holding anything else is refused and kept"))
     parser.add_argument("--tokenizer", type=Optional[str], default=None,
                         help="only for checkpoints that carry no tokenizer: its hub name or folder ('bundled')")
     return parser

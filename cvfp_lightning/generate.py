@@ -15,18 +15,36 @@ same decode loop over their recurrent state or window (:mod:`cvfp_lightning.gene
 prompt's draws afresh, so a prompt's continuation depends on the prompt and the seed only.
 Output: prompt and continuation on stdout; with ``--out`` also JSON lines ``{"prompt",
 "continuation", "new_tokens", "ids"}``, the format of ``cvfp predict``'s ``generations.jsonl``.
+``--out`` is checked before the model loads: an existing file there is replaced only when it
+holds earlier generations (every line such a record) or is empty; any other file is refused
+and kept, as are a folder or a path that cannot be written.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 from cvfp_lightning.data.prompts import read_prompts
 from cvfp_lightning.errors import check
 from cvfp_lightning.generation import check_sampling
-from cvfp_lightning.io import atomic_write_text
+from cvfp_lightning.io import check_output_file, read_text_upto, write_output
+
+GENERATION_KEYS = ("prompt", "continuation", "new_tokens", "ids")
+EARLIER = "earlier generations (JSON lines with the keys " + ", ".join(GENERATION_KEYS) + ")"
+
+
+def is_generations(path: Path) -> bool:
+    """Whether ``path`` holds earlier generations, JSON lines of ``GENERATION_KEYS`` (what ``--out`` may replace)."""
+    text = read_text_upto(path, 256 << 20)
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    try:
+        records = [json.loads(line) for line in lines]
+    except ValueError:
+        return False
+    return bool(records) and all(isinstance(r, dict) and all(key in r for key in GENERATION_KEYS) for r in records)
 
 
 def generate(model, prompts: list[str], max_new_tokens: int = 50, greedy: bool = False, temperature: float = 1.0,
@@ -63,7 +81,9 @@ def build_parser():
     parser.add_argument("--top_p", type=Optional[float], default=None,
                         help="sample among the most likely ids whose probabilities sum to top_p (0 < top_p <= 1)")
     parser.add_argument("--seed", type=Optional[int], default=42, help="seed of every prompt's draws (null: unseeded)")
-    parser.add_argument("--out", type=Optional[str], default=None, help="also write the continuations as JSON lines")
+    parser.add_argument("--out", type=Optional[str], default=None, help=(
+        "also write the continuations as JSON lines; an existing file there is replaced only when it holds "
+        "earlier generations (or is empty), any other is refused and kept"))
     return parser
 
 
@@ -75,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens, prefix="--")
     prompts = read_prompts(cfg.prompt, cfg.prompt_file, names=("--prompt", "--prompt_file"))
     check(len(prompts) > 0, "no prompt: pass --prompt \"Some text\" or --prompt_file prompts.txt (- for stdin).")
+    if cfg.out:
+        check_output_file(cfg.out, "--out", is_generations, EARLIER)
     model = load_model(cfg.model, cfg.tokenizer)
     records = generate(model, prompts, cfg.max_new_tokens, cfg.greedy, cfg.temperature, cfg.top_k, cfg.top_p,
                        cfg.seed)
@@ -82,4 +104,5 @@ def main(argv: list[str] | None = None) -> None:
         print(f"--- prompt: {g['prompt']!r} ({g['new_tokens']} new tokens)\n{g['prompt']}{g['continuation']}\n",
               flush=True)
     if cfg.out:
-        atomic_write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in records), cfg.out)
+        write_output("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in records), cfg.out, "--out",
+                     is_generations, EARLIER, note="; the continuations are printed above")

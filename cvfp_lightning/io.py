@@ -1,4 +1,7 @@
-"""Safe file I/O: atomic writes and weights-only loads of untrusted files."""
+"""Safe file I/O: atomic writes, weights-only loads of untrusted files, and the checks of a
+command's output path (:func:`check_output_file`, :func:`check_writable_folder`,
+:func:`write_output`): a bad path is one user error before the work, and a user's file is
+never replaced by a command's output."""
 
 from __future__ import annotations
 
@@ -9,11 +12,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from cvfp_lightning.errors import CVFPUserError
+from cvfp_lightning.errors import CVFPUserError, check
 
 
 def _atomic_write(path: Path, write) -> Path:
@@ -75,3 +78,61 @@ def atomic_write_csv(rows: list[dict], columns: list[str], path: str | Path) -> 
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write_text(buf.getvalue(), path)
+
+
+# ---- a command's output path ---------------------------------------------------------------------------
+def check_writable_folder(folder: str | Path, option: str, value: str | Path) -> Path:
+    """That ``folder`` is, or can be made as, a folder this process can write in; else one user error
+    naming ``option value``. The nearest existing folder on the way is probed with a temp file made and
+    removed at once (permissions alone say nothing for root or for /proc)."""
+    folder = Path(folder).expanduser().absolute()
+    ancestor = folder
+    while not ancestor.exists() and not ancestor.is_symlink() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    check(ancestor.is_dir(), f"{option} {str(value)!r} cannot be written: {str(ancestor)!r} is a file, not a "
+                             "folder: give a path in a folder.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".cvfp-probe.", suffix=".tmp", dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CVFPUserError(f"{option} {str(value)!r} cannot be written: no file can be made in {str(ancestor)!r} "
+                            f"({exc.strerror or type(exc).__name__}): give a path in a folder you can write.") from exc
+    return folder
+
+
+def read_text_upto(path: Path, limit: int) -> str | None:
+    """The UTF-8 text of ``path``, or None when it is larger than ``limit`` bytes or unreadable."""
+    try:
+        if path.stat().st_size > limit:
+            return None
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def check_output_file(path: str | Path, option: str, earlier_output: Callable[[Path], bool], what: str) -> Path:
+    """Check ``path`` (the value of ``option``) before a command's work: it is not a folder, its folder can
+    be written, and an existing file there is replaced only when it is empty or ``earlier_output(path)``
+    holds (an earlier output of the same command, described by ``what``). Returns the path to write."""
+    path = Path(path).expanduser()
+    check(not path.is_dir(), f"{option} {str(path)!r} is a folder: give the path of a file (in it or elsewhere).")
+    if path.exists() or path.is_symlink():
+        check(path.is_file(), f"{option} {str(path)!r} exists and is not a regular file: give another path.")
+        check(path.stat().st_size == 0 or earlier_output(path),
+              f"{option} {str(path)!r} exists and is not {what}: it is not replaced; give another {option} "
+              "or move that file away.")
+    check_writable_folder(path.parent, option, path)
+    return path
+
+
+def write_output(text: str, path: str | Path, option: str, earlier_output: Callable[[Path], bool], what: str,
+                 note: str = "") -> Path:
+    """:func:`check_output_file` again (the file may have appeared during the work), then an atomic write of
+    ``text``; a failed write is one user error (``note`` says where the result still is)."""
+    path = check_output_file(path, option, earlier_output, what)
+    try:
+        return atomic_write_text(text, path)
+    except OSError as exc:
+        raise CVFPUserError(f"{option} {str(path)!r} could not be written ({exc.strerror or type(exc).__name__})"
+                            f"{note}.") from exc

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -373,6 +374,151 @@ def test_export_overwrites_only_an_earlier_export(exports, runs):
     before = (exports["frozen"] / "model.safetensors").read_bytes()
     export_checkpoint(runs["frozen"], exports["frozen"], overwrite=True)
     assert (exports["frozen"] / "model.safetensors").read_bytes() == before  # same checkpoint, same bytes
+
+
+# ---- output paths: checked before the work, never a user's file replaced -------------------------------
+PRECIOUS = "A researcher's notes.\nNot JSON, not to be lost.\n"
+
+
+def _text(tmp_path: Path, runs) -> Path:
+    text = tmp_path / "text.txt"
+    paragraphs = [p for p in runs["corpus"].read_text(encoding="utf-8").split("\n\n") if p.strip()][:3]
+    text.write_text("\n\n".join(p[:200] for p in paragraphs), encoding="utf-8")
+    return text
+
+
+OUTPUT_CASES = [
+    ("{tmp}/adir", "is a folder: give the path of a file"),
+    ("/proc/cvfp_out", r"cannot be written: no file can be made in '/proc'"),
+    ("{tmp}/precious.txt/out", r"cannot be written: '.*precious.txt' is a file, not a folder"),
+]
+
+
+@pytest.mark.parametrize("command, target, message", [
+    *[("evaluate", t, m) for t, m in OUTPUT_CASES], ("evaluate", "{tmp}/precious.txt", "is not an earlier evaluation"),
+    *[("generate", t, m) for t, m in OUTPUT_CASES], ("generate", "{tmp}/precious.txt", "is not earlier generations"),
+    *[("export", t, m) for t, m in OUTPUT_CASES[1:]], ("export", "{tmp}/precious.txt", "is a file: give a folder"),
+])
+def test_a_bad_output_path_is_one_line_before_the_work(command, target, message, exports, runs, tmp_path, capsys,
+                                                       monkeypatch):
+    import re
+
+    import cvfp_lightning.export as export
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the output path is checked before the model loads")
+
+    monkeypatch.setattr(export, "load_model", no_work)
+    monkeypatch.setattr(export, "model_from_checkpoint", no_work)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "precious.txt").write_text(PRECIOUS, encoding="utf-8")
+    target = target.format(tmp=tmp_path)
+    if command == "export":
+        args = ["export", "--ckpt_path", str(runs["frozen"]), "--out_dir", target]
+    elif command == "evaluate":
+        args = ["evaluate", str(exports["frozen"]), "--text", str(_text(tmp_path, runs)), "--out", target]
+    else:
+        args = ["generate", str(exports["frozen"]), "--prompt", "hi", "--out", target]
+    line = cli_error(args, capsys)
+    assert line.startswith("cvfp: error: --out") and re.search(message, line), line
+    assert (tmp_path / "precious.txt").read_bytes() == PRECIOUS.encode()
+    assert sorted(p.name for p in (tmp_path / "adir").iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or probe file left
+
+
+def test_out_replaces_only_an_earlier_output_of_the_same_command(exports, runs, tmp_path, capsys):
+    text = _text(tmp_path, runs)
+    evaluate = ["evaluate", str(exports["gru"]), "--text", str(text), *QUIET, "--trainer.accelerator", "cpu"]
+    generate = ["generate", str(exports["gru"]), "--prompt", "The for statement", "--max_new_tokens", "3"]
+    os.chdir(tmp_path)  # the default --out, evaluation.json, is in the working directory
+    try:
+        run_cli(evaluate)
+        first = json.loads((tmp_path / "evaluation.json").read_text())
+        (tmp_path / "evaluation.json").write_text(json.dumps({**first, "loss": -1.0}))
+        run_cli(evaluate)  # a repeated evaluation replaces its own evaluation.json
+    finally:
+        os.chdir(ROOT)
+    assert json.loads((tmp_path / "evaluation.json").read_text()) == {**first, "seconds": ANY}
+    (tmp_path / "empty.json").write_bytes(b"")  # e.g. from mktemp: nothing in it to lose
+    run_cli([*evaluate, "--out", str(tmp_path / "empty.json")])
+    assert json.loads((tmp_path / "empty.json").read_text())["tokens"] == first["tokens"]
+    # an evaluation is not generations, nor generations an evaluation: each is refused and kept
+    line = cli_error([*generate, "--out", str(tmp_path / "evaluation.json")], capsys)
+    assert "exists and is not earlier generations" in line
+    run_cli([*generate, "--out", str(tmp_path / "g.jsonl")])
+    before = (tmp_path / "g.jsonl").read_bytes()
+    line = cli_error([*evaluate, "--out", str(tmp_path / "g.jsonl")], capsys)
+    assert "exists and is not an earlier evaluation" in line and (tmp_path / "g.jsonl").read_bytes() == before
+    run_cli([*generate[:3], "A class definition", "The while statement", *generate[4:], "--out",
+             str(tmp_path / "g.jsonl")])  # earlier generations are replaced
+    assert [json.loads(line)["prompt"] for line in (tmp_path / "g.jsonl").read_text().splitlines()] == \
+        ["A class definition", "The while statement"]
+    # JSON lines of something else, or a JSON object of other keys, are a user's files
+    for name, content in (("other.jsonl", '{"prompt": "x"}\n'), ("other.json", '{"loss": 1.0}\n')):
+        (tmp_path / name).write_text(content)
+        cli_error([*(generate if name.endswith("l") else evaluate), "--out", str(tmp_path / name)], capsys)
+        assert (tmp_path / name).read_text() == content
+
+
+def test_a_failed_write_after_the_scoring_is_one_line_and_the_result_is_printed(exports, runs, tmp_path, capsys,
+                                                                               monkeypatch):
+    import cvfp_lightning.io as io
+
+    monkeypatch.setenv("CVFP_PROGRESS", "0")  # no tokenisation lines on stderr: the error is its one line
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "atomic_write_text", full)
+    out = tmp_path / "result.json"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run_cli(["evaluate", str(exports["gru"]), "--text", str(_text(tmp_path, runs)), "--out", str(out), *QUIET,
+                 "--trainer.accelerator", "cpu"])
+    captured = capsys.readouterr()
+    assert info.value.code == 2 and captured.err.strip().splitlines() == [
+        f"cvfp: error: --out {str(out)!r} could not be written (No space left on device); the result is printed above."]
+    assert json.loads(captured.out)["tokens"] > 0 and not out.exists()  # the scoring is not lost
+    line = cli_error(["generate", str(exports["gru"]), "--prompt", "hi", "--max_new_tokens", "2", "--out", str(out)],
+                     capsys)
+    assert line.endswith("could not be written (No space left on device); the continuations are printed above.")
+
+
+def test_export_overwrite_refuses_a_folder_with_a_users_files(exports, runs, tmp_path, capsys):
+    import shutil
+
+    earlier = tmp_path / "mine"
+    shutil.copytree(exports["frozen"], earlier)
+    (earlier / "my_notes.txt").write_text(PRECIOUS)
+    (earlier / "sub").mkdir()
+    (earlier / "sub" / "f").write_text("f\n")
+    before = {p.relative_to(earlier): p.read_bytes() for p in earlier.rglob("*") if p.is_file()}
+    line = cli_error(["export", "--ckpt_path", str(runs["gru"]), "--out_dir", str(earlier), "--overwrite", "true"],
+                     capsys)
+    assert f"--out_dir {str(earlier)!r} holds my_notes.txt, sub/, which an export does not write" in line
+    assert {p.relative_to(earlier): p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_a_failed_swap_of_export_folders_keeps_the_earlier_export(exports, runs, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    earlier = tmp_path / "mine"
+    shutil.copytree(exports["frozen"], earlier)
+    before = {p.name: p.read_bytes() for p in earlier.iterdir()}
+    replace = os.replace
+
+    def failing(src, dst):
+        if str(src).endswith(".tmp"):  # the new export's move into place
+            raise OSError(5, "Input/output error")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    line = cli_error(["export", "--ckpt_path", str(runs["gru"]), "--out_dir", str(earlier), "--overwrite", "true"],
+                     capsys)
+    assert line.endswith("could not be written (Input/output error); nothing there was changed.")
+    assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
 # ---- train -> export -> evaluate -> generate through the CLI ---------------------------------------------
