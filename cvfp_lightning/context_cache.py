@@ -75,6 +75,7 @@ COMPONENT_NAMES = {
     "val_tokens": "the validation token ids",
     "test_tokens": "the test token ids",
 }
+PLURAL_COMPONENTS = {"phase1_weights", "train_tokens", "val_tokens", "test_tokens"}
 # embedding/context options that only affect initialisation or training, not the contexts
 _INIT_ONLY = {"freeze", "trust_remote_code", "pretrained", "init_std", "bias_std"}
 
@@ -236,8 +237,8 @@ class ContextCache(Contexts):
 
     def stale_reasons(self, expected: dict[str, str], dim: int, num_tokens: dict[str, int]) -> list[str]:
         """Why this cache cannot stand for ``expected`` (empty: it matches)."""
-        reasons = [f"{COMPONENT_NAMES.get(k, k)} differ" for k in sorted(set(expected) | set(self.components))
-                   if self.components.get(k) != expected.get(k)]
+        reasons = [f"{COMPONENT_NAMES.get(k, k)} {'differ' if k in PLURAL_COMPONENTS else 'differs'}"
+                   for k in sorted(set(expected) | set(self.components)) if self.components.get(k) != expected.get(k)]
         if not reasons:
             if self.dim != dim:
                 reasons.append(f"its contexts are {self.dim} wide, not {dim}")
@@ -401,8 +402,8 @@ def resolve_contexts(folder: str | Path | None, mode: str, source: ContextSource
         try:
             cache = ContextCache.open(folder)
             reasons = cache.stale_reasons(source.components, source.updater.context_dim, source.num_tokens)
-        except CVFPUserError as exc:
-            reasons = [str(exc)]
+        except CVFPUserError as exc:  # unreadable: its reason without the advice to delete it (said below)
+            reasons = [str(exc).split(": delete it")[0]]
         if not reasons:
             return cache, f"context cache hit: {folder}"
         why = f"the context cache {folder} is stale: " + "; ".join(reasons)

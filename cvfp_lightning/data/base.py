@@ -373,10 +373,11 @@ class TokenDataModule(L.LightningDataModule):
             ds = ds.select(range(self.num_samples))
         extra, rows = self.extra_sources(), _RowRange(0, len(ds))
         if rows.num_sequences == 1:
+            finer = "line" if getattr(self, "sample_by", None) == "paragraph" else "paragraph"
             check(("test" in extra or self.test_fraction == 0) and ("val" in extra or self.val_subset_of_train),
-                  f"{self.describe()} is a single sample, and its held-out tails are cut by tokens: a tokenizer "
+                  f"{self.describe()} holds a single sample, and its held-out tails are cut by tokens: a tokenizer "
                   "cannot be fitted on its training part alone. Give data.val_paths / data.test_paths, or "
-                  "data.sample_by paragraph.")
+                  f"data.sample_by {finer}.")
             train = rows
         else:
             train = self._split(rows, rows if "val" in extra else None, rows if "test" in extra else None)[0]

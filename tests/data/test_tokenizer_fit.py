@@ -103,5 +103,10 @@ def test_bad_fit_options_are_one_clear_error(tmp_path, spec, message):
 def test_a_single_document_with_held_out_tails_is_refused(tmp_path):
     files = write_corpus(tmp_path / "text")
     dm = TextDataModule(paths=[str(files["all"])], sample_by="document", tokenizer=FIT, cache_dir=str(tmp_path / "c"))
-    with pytest.raises(CVFPUserError, match="single sample"):
+    with pytest.raises(CVFPUserError, match="holds a single sample.*data.sample_by paragraph\\.$"):
+        dm.tokenizer
+    one_paragraph = tmp_path / "one.txt"  # lines but no blank line: one paragraph
+    one_paragraph.write_text("\n".join(f"line {k} of the only paragraph" for k in range(50)) + "\n", encoding="utf-8")
+    dm = TextDataModule(paths=[str(one_paragraph)], tokenizer=FIT, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(CVFPUserError, match="holds a single sample.*data.sample_by line\\.$"):
         dm.tokenizer
