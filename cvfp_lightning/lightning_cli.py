@@ -110,6 +110,10 @@ class CVFPArgumentParser(LightningArgumentParser):
 
     debug = False
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # --trainer.max_epoch is a typo, not --trainer.max_epochs
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str, ex: Exception | None = None):
         if self.debug or not self.exit_on_error:
             return super().error(message, ex)

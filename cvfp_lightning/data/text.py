@@ -65,7 +65,8 @@ class TextDataModule(TokenDataModule):
         paths, val_paths, test_paths = ([p] if isinstance(p, str) else p for p in (paths, val_paths, test_paths))
         for name, given in (("paths", paths), ("val_paths", val_paths), ("test_paths", test_paths)):
             if given is not None:
-                check(len(given) > 0, f"data.{name} is an empty list: give text files, or null "
+                check(len(given) > 0, f"data.{name} is an empty list: give text files (--data.init_args.{name} "
+                                      f"'[my.txt]'), or null "
                                       f"{'for the bundled corpus' if name == 'paths' else 'to hold them out of data.paths'}.")
         check(not (val_paths and kwargs.get("val_subset_of_train")),
               "data.val_subset_of_train=true takes validation from the training data: drop data.val_paths or set it "
