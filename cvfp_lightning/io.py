@@ -19,11 +19,20 @@ import torch
 from cvfp_lightning.errors import CVFPUserError, check
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write) -> Path:
+    """Write through a temporary file renamed into place; the file gets the mode ``open`` would
+    give it (0666 less the umask), not mkstemp's private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -62,11 +71,14 @@ def safe_torch_load(path: str | Path) -> Any:
     """``torch.load(weights_only=True)``; a corrupt, truncated or foreign file -> CVFPUserError."""
     path = Path(path)
     if not path.is_file():
-        raise CVFPUserError(f"file {str(path)!r} does not exist.")
+        raise CVFPUserError(f"{str(path)!r} is a folder, not a file." if path.is_dir()
+                            else f"file {str(path)!r} does not exist.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, unsupported globals, EOF...
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = f"{type(exc).__name__}: {first}" if len(first) < 8 else first  # a bare "101" says nothing
+        first = first if len(first) <= 200 else first[:first.rfind(" ", 0, 200)] + " ..."
         raise CVFPUserError(f"{str(path)!r} is not a readable cvfp_lightning file ({first}); it may be truncated, "
                             "corrupt or from another program: delete it or point to the right file.") from exc
 

@@ -71,6 +71,8 @@ def resolve_checkpoint_path(path: str | None) -> Path:
         check(bool(matches), f"model.phase1_checkpoint={path!r} matches no file: run Phase 1 first "
                              "(cvfp fit --config configs/phase1.yaml) or give the checkpoint's path.")
         return Path(max(matches, key=os.path.getmtime))
+    check(not os.path.isdir(expanded), f"model.phase1_checkpoint={path!r} is a folder: give the path of a checkpoint "
+                                       "in it, e.g. .../checkpoints/last.ckpt.")
     check(os.path.isfile(expanded), f"model.phase1_checkpoint={path!r} does not exist: run Phase 1 first "
                                     "(cvfp fit --config configs/phase1.yaml) or give the path of its last.ckpt.")
     return Path(expanded)

@@ -170,6 +170,8 @@ P2_CASES = [
     ("phase1 checkpoint missing", "fit", ["--model.init_args.phase1_checkpoint", "/no/such/last.ckpt"],
      "does not exist"),
     ("phase1 checkpoint garbage", "fit", ["--model.init_args.phase1_checkpoint", "{garbage}"], "not a readable"),
+    ("phase1 checkpoint is a folder", "fit", ["--model.init_args.phase1_checkpoint", "{not_a_tokenizer}"],
+     "is a folder: give the path of a checkpoint in it"),
     ("not a phase1 checkpoint", "fit", ["--model.init_args.phase1_checkpoint", "{foreign}"],
      "not a Phase 1 checkpoint"),
     ("vocabulary differs from phase1", "fit", ["--data.init_args.tokenizer", "{tok4097}"], "4097"),

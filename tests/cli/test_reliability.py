@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -75,6 +77,25 @@ def test_atomic_writes_leave_no_partial_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["cache.pt"]  # no temp file left behind
     atomic_write_text("done\n", tmp_path / "r.csv")
     assert (tmp_path / "r.csv").read_text() == "done\n"
+    umask = os.umask(0o022)
+    try:  # the mode open() would give, not mkstemp's owner-only 0600
+        atomic_write_text("shared\n", tmp_path / "summary.json")
+        os.umask(0o077)
+        atomic_write_text("private\n", tmp_path / "meta.json")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "meta.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_unreadable_files_are_named_in_one_line(tmp_path):
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello world\n", encoding="utf-8")
+    with pytest.raises(CVFPUserError) as info:
+        safe_torch_load(text)  # torch says only "101" (a KeyError of the byte 'e')
+    assert str(info.value).startswith(f"{str(text)!r} is not a readable cvfp_lightning file (KeyError: 101); ")
+    with pytest.raises(CVFPUserError, match="is a folder, not a file"):
+        safe_torch_load(tmp_path)
 
 
 def test_untrusted_pickles_are_refused(tmp_path):
