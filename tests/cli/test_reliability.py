@@ -210,6 +210,42 @@ def test_stop_and_resume_equals_uninterrupted_beyond_phase1(tmp_path, corpus, ki
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind, stop, best_epoch", [("phase2", 4, 2), ("baseline", 3, 1)])
+def test_a_resumed_run_keeps_the_best_of_the_epochs_before_its_resume(tmp_path, corpus, kind, stop, best_epoch):
+    """lr 0.1: val/loss is lowest at ``best_epoch``, before the stop, and worse after it; the resumed
+    run (a new version folder) ends on the uninterrupted run's best checkpoint, summary and test scores."""
+    from cvfp_lightning.io import file_sha256
+    from cvfp_lightning.runs import fit
+    from helpers.cli import read_scalars
+
+    args = [*_tiny_run(kind, tmp_path, corpus), "--model.init_args.lr", "0.1", "--trainer.max_epochs"]
+    full = fit([*args, "6", "--trainer.logger.init_args.save_dir", str(tmp_path / "full")])
+    part = ["--trainer.logger.init_args.save_dir", str(tmp_path / "part")]
+    first = fit([*args, str(stop), *part])
+    earlier = {p: file_sha256(p) for p in first.log_dir.rglob("*") if p.is_file()}
+    resumed = fit([*args, "6", *part, "--ckpt_path", "last"])
+    assert resumed.log_dir != first.log_dir
+    assert {p: file_sha256(p) for p in first.log_dir.rglob("*") if p.is_file()} == earlier  # nothing written there
+    assert full.summary["best_epoch"] == resumed.summary["best_epoch"] == best_epoch
+    assert resumed.best_checkpoint == resumed.log_dir / "checkpoints" / "best.ckpt"
+    want, got = (torch.load(r.best_checkpoint, weights_only=True) for r in (full, resumed))
+    assert want["epoch"] == got["epoch"] == best_epoch
+    assert want["state_dict"].keys() == got["state_dict"].keys()
+    assert all(torch.equal(want["state_dict"][k], got["state_dict"][k]) for k in want["state_dict"])
+    saved = [torch.load(r.last_checkpoint, weights_only=True)["callbacks"] for r in (full, resumed)]
+    scores = [next(v for k, v in c.items() if k.startswith("ModelCheckpoint"))["best_model_score"] for c in saved]
+    assert torch.equal(scores[0], scores[1])
+    same = ("best_epoch", "epochs_run", "val/loss", "val/ppl", "val/acc", "val/bpb", "test/loss", "test/acc")
+    assert {k: resumed.summary[k] for k in same} == {k: full.summary[k] for k in same}  # test/*: the best weights
+    # Lightning 2.6 writes last.ckpt only with a new best (or at the end of fit): the resume starts after the best epoch
+    resumed_after = torch.load(first.last_checkpoint, weights_only=True)["epoch"]
+    assert full.summary["epochs_run"] == 6 and resumed.summary["epochs_this_run"] == 6 - resumed_after - 1
+    assert resumed.summary["val/loss"] == pytest.approx(float(scores[0]), abs=0)
+    hp = [read_scalars(r.log_dir)["hp_metric"][-1][1] for r in (full, resumed)]
+    assert hp[0] == hp[1] == pytest.approx(full.summary["val/bpb"], rel=1e-6)
+
+
+@pytest.mark.slow
 def test_a_resumed_phase2_runs_checkpoints_export_evaluate_and_resume(tmp_path, corpus):
     """The Phase 1 digest a resumed run records is that of the weights it carries, not of a fresh block."""
     import json
