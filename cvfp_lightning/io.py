@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -57,6 +58,12 @@ def file_sha256(path: str | Path) -> str:
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temp file in the same folder, then rename: never a half-written file."""
     return _atomic_write(Path(path), lambda handle: torch.save(obj, handle))
+
+
+def atomic_copy(source: str | Path, path: str | Path) -> Path:
+    """Copy ``source``'s bytes to ``path`` through a temp file in ``path``'s folder, then rename."""
+    with open(source, "rb") as src:
+        return _atomic_write(Path(path), lambda handle: shutil.copyfileobj(src, handle, 1 << 20))
 
 
 def atomic_write_text(text: str, path: str | Path) -> Path:

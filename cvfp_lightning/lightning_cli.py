@@ -2,9 +2,10 @@
 
 ``CVFPCLI`` is a ``LightningCLI`` with the cvfp defaults: any LightningModule /
 LightningDataModule named by ``class_path``, ``data.vocab_size`` linked to the model,
-``last.ckpt`` checkpoints, RNG seed 42, a rich progress bar, a ``NonFiniteGuard`` and a
-``HeadlineMetric`` (``hp_metric``) on every run, the data settings among the logged
-hyperparameters, ``--ckpt_path last|best`` resolved over earlier runs and a resume with
+``last.ckpt`` checkpoints, RNG seed 42, a rich progress bar, a ``NonFiniteGuard``, a
+``HeadlineMetric`` (``hp_metric``) and a ``CarryBest`` on every run, the data settings among
+the logged hyperparameters, ``--ckpt_path last|best`` resolved over earlier runs (a resumed
+run keeps the earlier run's best checkpoint, copied into its own folder) and a resume with
 changed settings refused. ``trainer.enable_progress_bar`` also switches the package's own
 progress (:mod:`cvfp_lightning.progress`: sequential pass, context cache, Top-K loops) for
 the run. ``CVFPArgumentParser`` (also the parser of the other subcommands) prints parse
@@ -27,8 +28,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgre
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cvfp_lightning import progress
-from cvfp_lightning.callbacks import (GenerationWriter, HeadlineMetric, NonFiniteGuard, ResidualMonitor, RunSummary,
-                                      TopKReport)
+from cvfp_lightning.callbacks import (CarryBest, GenerationWriter, HeadlineMetric, NonFiniteGuard, ResidualMonitor,
+                                      RunSummary, TopKReport)
 from cvfp_lightning.errors import CVFPUserError
 from cvfp_lightning.models.legacy import RESUME_REFUSED, is_legacy_state_dict
 from cvfp_lightning.modules.lm_base import NextTokenModule
@@ -142,15 +143,16 @@ class CVFPCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
-        """Add a NonFiniteGuard, a HeadlineMetric, the reports of the model's kind (RunSummary for
-        next-token models, TopKReport for Top-K, ResidualMonitor for Phase 1, GenerationWriter for
-        predict) and a RichProgressBar unless progress bars are off or one is configured; switch
-        the package's progress on or off with the progress bar."""
+        """Add a NonFiniteGuard, a HeadlineMetric, a CarryBest (a resumed run keeps the earlier run's
+        best checkpoint), the reports of the model's kind (RunSummary for next-token models,
+        TopKReport for Top-K, ResidualMonitor for Phase 1, GenerationWriter for predict) and a
+        RichProgressBar unless progress bars are off or one is configured; switch the package's
+        progress on or off with the progress bar."""
         configured = list(config.get("callbacks") or []) + list(callbacks)
         reports = {NextTokenModule: RunSummary, TopKBase: TopKReport, Phase1Base: ResidualMonitor}
         if self.subcommand == "predict":
             reports = {NextTokenModule: GenerationWriter}
-        defaults = [NonFiniteGuard, HeadlineMetric] + [report for kind, report in reports.items()
+        defaults = [NonFiniteGuard, HeadlineMetric, CarryBest] + [report for kind, report in reports.items()
                                                        if isinstance(self.model, kind)]
         callbacks = [*callbacks, *(kind() for kind in defaults if not any(isinstance(c, kind) for c in configured))]
         bars = config.get("enable_progress_bar", True) is not False

@@ -1,6 +1,7 @@
 """Lightning callbacks of CVFP training: stopping, monitors, reports and the Phase 1 -> 2 hand-off."""
 
 from cvfp_lightning.callbacks.cache_handoff import ContextCacheHandoff
+from cvfp_lightning.callbacks.carry_best import CarryBest
 from cvfp_lightning.callbacks.diagnostics import CVFPDiagnostics
 from cvfp_lightning.callbacks.early_stopping import ConvergenceEarlyStopping
 from cvfp_lightning.callbacks.effective_rank import EffectiveRankMonitor
@@ -14,4 +15,4 @@ from cvfp_lightning.callbacks.topk_report import TopKReport
 
 __all__ = ["ConvergenceEarlyStopping", "EffectiveRankMonitor", "CVFPDiagnostics", "NonFiniteGuard", "TrainingDiverged",
            "ContextCacheHandoff", "GenerationWriter", "RunSummary", "TopKReport", "HeadlineMetric", "ResidualMonitor",
-           "EMAWeights"]
+           "EMAWeights", "CarryBest"]

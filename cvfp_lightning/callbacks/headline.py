@@ -34,7 +34,8 @@ class HeadlineMetric(L.Callback):
     kind (Phase 1: final ``train/convergence_rate``; Phase 2 and baselines: best ``val/bpb``
     over the fit's validation epochs, the best checkpoint's). Nothing is logged when the
     metric never appeared (e.g. a fit without validation); a test pass that follows the fit
-    writes it once more. ``cvfp`` adds it to every run.
+    writes it once more. The values seen are in the checkpoints, so a resumed run's best is that
+    of the whole training. ``cvfp`` adds it to every run.
 
     Attributes:
         value: the headline logged (None before the end of fit or when there was none).
@@ -44,8 +45,15 @@ class HeadlineMetric(L.Callback):
         self.value: float | None = None
         self._seen: list[float] = []
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.value, self._seen = None, []
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # before a resume loads the values seen so far (state_dict)
+            self.value, self._seen = None, []
+
+    def state_dict(self) -> dict:
+        return {"seen": list(self._seen)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._seen = [float(v) for v in state_dict.get("seen", [])]
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         headline = headline_of(pl_module)

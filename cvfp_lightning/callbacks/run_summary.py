@@ -28,19 +28,32 @@ class RunSummary(L.Callback):
     ``fast_dev_run`` or without a logger. A test run that follows the fit on the same trainer
     (``cvfp fit`` does one when the data has a test split) adds its ``test/*`` metrics to
     ``summary.json``.
+
+    The validation history is part of the callback's checkpoint state, so a run resumed with
+    ``--ckpt_path`` reports its best epoch (and draws the curve) over the whole training, as
+    the uninterrupted run does; ``epochs_run`` counts the epochs of the whole training,
+    ``epochs_this_run`` (and ``median_epoch_s``) those trained in this process.
     """
 
     def __init__(self):
         self.history: list[dict[str, float]] = []
         self.epoch_seconds: list[float] = []
         self.summary: dict = {}
-        self._epoch_start = 0.0
+        self._epoch_start: float | None = None
+
+    def state_dict(self) -> dict:
+        return {"history": [dict(record) for record in self.history]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = [dict(record) for record in state_dict.get("history", [])]
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.epoch_seconds.append(time.perf_counter() - self._epoch_start)  # training and the epoch's validation
+        if self._epoch_start is not None:  # None: the epoch's training ran before a resume
+            self.epoch_seconds.append(time.perf_counter() - self._epoch_start)  # training and the epoch's validation
+        self._epoch_start = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -99,7 +112,8 @@ class RunSummary(L.Callback):
         best = next((r for r in self.history if r["epoch"] == best_epoch), {})
         dm = getattr(trainer, "datamodule", None)
         out = {"model": type(pl_module).__name__, "best_epoch": best_epoch, "best_model_path": best_path,
-               "epochs_run": len(self.epoch_seconds), "trainable_params": pl_module.num_trainable_parameters(),
+               "epochs_run": int(trainer.current_epoch),
+               "epochs_this_run": len(self.epoch_seconds), "trainable_params": pl_module.num_trainable_parameters(),
                "median_epoch_s": statistics.median(self.epoch_seconds) if self.epoch_seconds else None,
                "train_tokens": getattr(getattr(dm, "train_sequences", None), "num_tokens", None),
                "val_tokens": getattr(getattr(dm, "val_sequences", None), "num_tokens", None)}

@@ -52,7 +52,7 @@ class NextTokenModule(L.LightningModule):
         self.train_lm = nn.ModuleDict({o: NextTokenMetric(o) for o in SPLIT_OUTPUTS["train"]})
         self.val_lm = nn.ModuleDict({o: NextTokenMetric(o) for o in SPLIT_OUTPUTS["val"]})
         self.test_lm = nn.ModuleDict({o: NextTokenMetric(o) for o in SPLIT_OUTPUTS["test"]})
-        self._epoch_start = 0.0
+        self._epoch_start: float | None = None
         self._has_weights = False  # trained in this process or loaded from a checkpoint
 
     # ---- for subclasses ------------------------------------------------------------------
@@ -150,8 +150,10 @@ class NextTokenModule(L.LightningModule):
         self._epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self) -> None:
-        seconds = time.perf_counter() - self._epoch_start  # training and the epoch's validation
-        self.log("time/epoch_s", seconds, on_step=False, on_epoch=True)
+        if self._epoch_start is not None:  # None: the epoch's training ran before a resume (no time to log)
+            seconds = time.perf_counter() - self._epoch_start  # training and the epoch's validation
+            self.log("time/epoch_s", seconds, on_step=False, on_epoch=True)
+        self._epoch_start = None
 
     def on_validation_epoch_start(self) -> None:
         self._require_targets("val")

@@ -197,7 +197,10 @@ class Phase2LM(NextTokenModule):
         self.phase1_hparams = p1
         self.lm = CVFPLanguageModel(embedding, updater, weight_tying=weight_tying, train_embedding=not freeze_embedding,
                                     dropout=dropout)
-        self.phase1_digest = weights_digest(*self.lm.context_modules())
+        # built from a record, the block is freshly initialised until the checkpoint's weights are loaded
+        # (on_load_checkpoint checks them against the recorded digest): the digest is the record's
+        self.phase1_digest = (str(phase1.get("weights") or "") if phase1 is not None
+                              else weights_digest(*self.lm.context_modules()))
         self.save_hyperparameters({"vocab_size": int(p1["vocab_size"]), "weight_tying": weight_tying,
                                    "freeze_embedding": freeze_embedding, "lr": lr, "grad_clip": grad_clip,
                                    "dropout": dropout, "weight_decay": weight_decay})

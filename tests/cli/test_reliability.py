@@ -188,40 +188,112 @@ def test_soak_phase1_rss_stays_flat(tmp_path):
     assert samples[-1] - samples[0] < 20.0, samples  # MB, after the first epoch
 
 
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def _tiny_run(kind: str, tmp_path, corpus) -> list[str]:
+    """``cvfp fit`` arguments of a tiny run of ``kind`` (phase2, repetition, baseline) without extra callbacks."""
+    from helpers.lm import phase1_checkpoint
+
+    quiet = [*QUIET, "--trainer.callbacks", "[]"]
+    if kind == "phase2":
+        ckpt = phase1_checkpoint(tmp_path / "p1" / "last.ckpt", 4096)
+        return ["--config", str(CONFIGS / "phase2.yaml"), "--model.init_args.phase1_checkpoint", str(ckpt),
+                "--data.init_args.paths", f"[{corpus}]", "--data.init_args.chunk_size", "256",
+                "--model.init_args.cache", "off", *quiet]
+    if kind == "baseline":
+        return ["--config", str(CONFIGS / "baseline_gru.yaml"), "--data.init_args.paths", f"[{corpus}]",
+                "--model.init_args.match_params", "null", "--model.init_args.hidden_dim", "16",
+                "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "8", *quiet]
+    return ["--config", str(CONFIGS / "repetition.yaml"), "--data.init_args.max_stage", "2",
+            "--data.init_args.epochs_per_stage", "2", "--data.init_args.repetitions", "12",
+            "--data.init_args.batch_size", "4", "--model.init_args.context.context_dim", "16",
+            "--model.init_args.context.hidden_dim", "16", "--model.init_args.embedding.embed_dim", "16",
+            "--trainer.accelerator", "cpu", *quiet]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["phase2", "repetition", "baseline"])
 def test_stop_and_resume_equals_uninterrupted_beyond_phase1(tmp_path, corpus, kind):
     """Shuffled position / window / phrase orders depend on (seed, epoch) only, so a resume is exact."""
-    from helpers.lm import phase1_checkpoint
-
-    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-             "--trainer.callbacks", "[]"]
-    if kind == "phase2":
-        ckpt = phase1_checkpoint(tmp_path / "p1" / "last.ckpt", 4096)
-        args = ["--config", str(CONFIGS / "phase2.yaml"), "--model.init_args.phase1_checkpoint", str(ckpt),
-                "--data.init_args.paths", f"[{corpus}]", "--data.init_args.chunk_size", "256",
-                "--model.init_args.cache", "off"]
-    elif kind == "baseline":
-        args = ["--config", str(CONFIGS / "baseline_gru.yaml"), "--data.init_args.paths", f"[{corpus}]",
-                "--model.init_args.match_params", "null", "--model.init_args.hidden_dim", "16",
-                "--data.init_args.seq_len", "32", "--data.init_args.batch_size", "8"]
-    else:
-        args = ["--config", str(CONFIGS / "repetition.yaml"), "--data.init_args.max_stage", "2",
-                "--data.init_args.epochs_per_stage", "2", "--data.init_args.repetitions", "12",
-                "--data.init_args.batch_size", "4", "--model.init_args.context.context_dim", "16",
-                "--model.init_args.context.hidden_dim", "16", "--model.init_args.embedding.embed_dim", "16",
-                "--trainer.accelerator", "cpu"]
-    run_cli(["fit", *args, *quiet, "--trainer.max_epochs", "4", "--trainer.logger.init_args.save_dir",
+    args = _tiny_run(kind, tmp_path, corpus)
+    run_cli(["fit", *args, "--trainer.max_epochs", "4", "--trainer.logger.init_args.save_dir",
              str(tmp_path / "full")])
-    run_cli(["fit", *args, *quiet, "--trainer.max_epochs", "2", "--trainer.logger.init_args.save_dir",
+    run_cli(["fit", *args, "--trainer.max_epochs", "2", "--trainer.logger.init_args.save_dir",
              str(tmp_path / "part")])
-    run_cli(["fit", *args, *quiet, "--trainer.max_epochs", "4", "--ckpt_path", "last",
+    run_cli(["fit", *args, "--trainer.max_epochs", "4", "--ckpt_path", "last",
              "--trainer.logger.init_args.save_dir", str(tmp_path / "part")])
     full = _weights(next((tmp_path / "full").rglob("last.ckpt")))
     got = _weights(next(p for p in (tmp_path / "part").rglob("last.ckpt") if "version_1" in str(p)))
     assert full.keys() == got.keys()
     for key in full:
         assert torch.equal(full[key], got[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, stop, best_epoch", [("phase2", 4, 2), ("baseline", 3, 1)])
+def test_a_resumed_run_keeps_the_best_of_the_epochs_before_its_resume(tmp_path, corpus, kind, stop, best_epoch):
+    """lr 0.1: val/loss is lowest at ``best_epoch``, before the stop, and worse after it; the resumed
+    run (a new version folder) ends on the uninterrupted run's best checkpoint, summary and test scores."""
+    from cvfp_lightning.io import file_sha256
+    from cvfp_lightning.runs import fit
+    from helpers.cli import read_scalars
+
+    args = [*_tiny_run(kind, tmp_path, corpus), "--model.init_args.lr", "0.1", "--trainer.max_epochs"]
+    full = fit([*args, "6", "--trainer.logger.init_args.save_dir", str(tmp_path / "full")])
+    part = ["--trainer.logger.init_args.save_dir", str(tmp_path / "part")]
+    first = fit([*args, str(stop), *part])
+    earlier = {p: file_sha256(p) for p in first.log_dir.rglob("*") if p.is_file()}
+    resumed = fit([*args, "6", *part, "--ckpt_path", "last"])
+    assert resumed.log_dir != first.log_dir
+    assert {p: file_sha256(p) for p in first.log_dir.rglob("*") if p.is_file()} == earlier  # nothing written there
+    assert full.summary["best_epoch"] == resumed.summary["best_epoch"] == best_epoch
+    assert resumed.best_checkpoint == resumed.log_dir / "checkpoints" / "best.ckpt"
+    want, got = (torch.load(r.best_checkpoint, weights_only=True) for r in (full, resumed))
+    assert want["epoch"] == got["epoch"] == best_epoch
+    assert want["state_dict"].keys() == got["state_dict"].keys()
+    assert all(torch.equal(want["state_dict"][k], got["state_dict"][k]) for k in want["state_dict"])
+    saved = [torch.load(r.last_checkpoint, weights_only=True)["callbacks"] for r in (full, resumed)]
+    scores = [next(v for k, v in c.items() if k.startswith("ModelCheckpoint"))["best_model_score"] for c in saved]
+    assert torch.equal(scores[0], scores[1])
+    same = ("best_epoch", "epochs_run", "val/loss", "val/ppl", "val/acc", "val/bpb", "test/loss", "test/acc")
+    assert {k: resumed.summary[k] for k in same} == {k: full.summary[k] for k in same}  # test/*: the best weights
+    # Lightning 2.6 writes last.ckpt only with a new best (or at the end of fit): the resume starts after the best epoch
+    resumed_after = torch.load(first.last_checkpoint, weights_only=True)["epoch"]
+    assert full.summary["epochs_run"] == 6 and resumed.summary["epochs_this_run"] == 6 - resumed_after - 1
+    assert resumed.summary["val/loss"] == pytest.approx(float(scores[0]), abs=0)
+    hp = [read_scalars(r.log_dir)["hp_metric"][-1][1] for r in (full, resumed)]
+    assert hp[0] == hp[1] == pytest.approx(full.summary["val/bpb"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_resumed_phase2_runs_checkpoints_export_evaluate_and_resume(tmp_path, corpus):
+    """The Phase 1 digest a resumed run records is that of the weights it carries, not of a fresh block."""
+    import json
+
+    from cvfp_lightning.context_cache import weights_digest
+    from cvfp_lightning.modules.phase2 import load_phase1
+
+    args = [*_tiny_run("phase2", tmp_path, corpus), "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]
+    runs = tmp_path / "logs" / "phase2"
+    run_cli(["fit", *args, "--trainer.max_epochs", "1"])
+    run_cli(["fit", *args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    digest = weights_digest(*load_phase1(tmp_path / "p1" / "last.ckpt")[:2])
+    for name in ("version_0/checkpoints/best.ckpt", "version_1/checkpoints/best.ckpt",
+                 "version_1/checkpoints/last.ckpt"):
+        ckpt = torch.load(runs / name, weights_only=True)
+        assert ckpt["hyper_parameters"]["phase1"]["weights"] == ckpt["cvfp_phase2"]["phase1_weights"] == digest, name
+    best = runs / "version_1" / "checkpoints" / "best.ckpt"
+    assert torch.load(best, weights_only=True)["epoch"] == 1
+    run_cli(["export", "--ckpt_path", str(best), "--out_dir", str(tmp_path / "export")])
+    scores = {}
+    for name, model in (("ckpt", best), ("export", tmp_path / "export")):
+        run_cli(["evaluate", str(model), "--text", str(corpus), "--out", str(tmp_path / f"{name}.json"), *QUIET,
+                 "--trainer.accelerator", "cpu"])
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert scores["ckpt"]["loss"] == scores["export"]["loss"] and 0 < scores["ckpt"]["loss"] < 9
+    run_cli(["fit", *args, "--trainer.max_epochs", "3", "--ckpt_path", "last"])  # resumes version_1's last.ckpt
+    assert torch.load(runs / "version_2" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
 
 
 @pytest.mark.slow
