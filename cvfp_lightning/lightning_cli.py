@@ -2,11 +2,11 @@
 
 ``CVFPCLI`` is a ``LightningCLI`` with the cvfp defaults: any LightningModule /
 LightningDataModule named by ``class_path``, ``data.vocab_size`` linked to the model,
-``last.ckpt`` checkpoints, RNG seed 42, a rich progress bar, a ``NonFiniteGuard``, a
-``HeadlineMetric`` (``hp_metric``) and a ``CarryBest`` on every run, the data settings among
-the logged hyperparameters, ``--ckpt_path last|best`` resolved over earlier runs (a resumed
-run keeps the earlier run's best checkpoint, copied into its own folder) and a resume with
-changed settings refused. ``trainer.enable_progress_bar`` also switches the package's own
+``last.ckpt`` after every epoch (:class:`~cvfp_lightning.callbacks.EpochCheckpoint`), RNG
+seed 42, a rich progress bar, a ``NonFiniteGuard``, a ``HeadlineMetric`` (``hp_metric``)
+and a ``CarryBest`` on every run, the data settings among the logged hyperparameters,
+``--ckpt_path last|best`` resolved over earlier runs (a resumed run keeps the earlier run's
+best checkpoint, copied into its own folder) and a resume with changed settings refused. ``trainer.enable_progress_bar`` also switches the package's own
 progress (:mod:`cvfp_lightning.progress`: sequential pass, context cache, Top-K loops) for
 the run. ``CVFPArgumentParser`` (also the parser of the other subcommands) prints parse
 errors as one line on stderr with exit code 2 (the full report with ``--debug``).
@@ -24,11 +24,11 @@ import sys
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cvfp_lightning import progress
-from cvfp_lightning.callbacks import (CarryBest, GenerationWriter, HeadlineMetric, NonFiniteGuard, ResidualMonitor,
+from cvfp_lightning.callbacks import (CarryBest, EpochCheckpoint, GenerationWriter, HeadlineMetric, NonFiniteGuard, ResidualMonitor,
                                       RunSummary, TopKReport)
 from cvfp_lightning.errors import CVFPUserError
 from cvfp_lightning.models.legacy import RESUME_REFUSED, is_legacy_state_dict
@@ -138,7 +138,7 @@ class CVFPCLI(LightningCLI):
             super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(EpochCheckpoint, "checkpoint")  # last.ckpt after every epoch
         parser.set_defaults({"checkpoint.save_last": True})
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 

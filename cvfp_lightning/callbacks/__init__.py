@@ -5,6 +5,7 @@ from cvfp_lightning.callbacks.carry_best import CarryBest
 from cvfp_lightning.callbacks.diagnostics import CVFPDiagnostics
 from cvfp_lightning.callbacks.early_stopping import ConvergenceEarlyStopping
 from cvfp_lightning.callbacks.effective_rank import EffectiveRankMonitor
+from cvfp_lightning.callbacks.epoch_checkpoint import EpochCheckpoint
 from cvfp_lightning.callbacks.ema import EMAWeights
 from cvfp_lightning.callbacks.generation_writer import GenerationWriter
 from cvfp_lightning.callbacks.guard import NonFiniteGuard, TrainingDiverged
@@ -15,4 +16,4 @@ from cvfp_lightning.callbacks.topk_report import TopKReport
 
 __all__ = ["ConvergenceEarlyStopping", "EffectiveRankMonitor", "CVFPDiagnostics", "NonFiniteGuard", "TrainingDiverged",
            "ContextCacheHandoff", "GenerationWriter", "RunSummary", "TopKReport", "HeadlineMetric", "ResidualMonitor",
-           "EMAWeights", "CarryBest"]
+           "EMAWeights", "CarryBest", "EpochCheckpoint"]
