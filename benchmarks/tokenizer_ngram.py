@@ -5,8 +5,9 @@
 For ``quality.py``'s splits of ``--corpus``, each tokenizer (``bundled``, and one byte-level BPE
 per ``--fits`` entry ``VOCAB:MIN_FREQUENCY[:mix]``, fitted by the package's own
 ``fit_byte_level_bpe`` on the training split, ``mix`` = the training split plus the bundled
-corpus: on ``--corpus bundled`` that is every topic, held-out ones included) is scored by a trigram model of its training-split ids with absolute discounting
-(D = 0.75) interpolated down to an add-1/2 unigram:
+corpus: on ``--corpus bundled`` that is every topic, held-out ones included) is scored by a
+trigram model of its training-split ids with absolute discounting (D = 0.75) interpolated
+down to an add-1/2 unigram:
 
     p(w | a, b) = max(n(a,b,w) - D, 0) / n(a,b) + D * |{w': n(a,b,w') > 0}| / n(a,b) * p(w | b)
 
@@ -89,7 +90,8 @@ def main() -> None:
         if mix not in ([], ["mix"]):
             parser.error(f"--fits {fit!r}: expected VOCAB:MIN_FREQUENCY or VOCAB:MIN_FREQUENCY:mix")
         texts = splits["train"] + (paragraphs(bundled_data_dir() / "pydoc_topics.txt") if mix else [])
-        tokenizers[fit] = fit_byte_level_bpe(texts, BPETraining(vocab_size=int(vocab), min_frequency=int(min_frequency)))
+        spec = BPETraining(vocab_size=int(vocab), min_frequency=int(min_frequency))
+        tokenizers[fit] = fit_byte_level_bpe(texts, spec)
     rows = []
     for name, tokenizer in tokenizers.items():
         def encode(text: str, tokenizer=tokenizer) -> list[int]:

@@ -28,9 +28,9 @@ differs from its record, its digest again: a file changed after it was written i
 Modes (``cache`` of :class:`~cvfp_lightning.modules.phase2.Phase2LM`): ``auto`` reads a
 matching cache ("cache hit"), otherwise says why and recomputes the contexts; a fit writes
 them into its own run folder (or ``cache_path`` when given), never into the Phase 1 run's,
-and without a run folder (no logger) writes nothing; ``require`` refuses a missing or stale cache with the reason; ``off`` computes the
-contexts in memory (``4 D`` bytes per position of every split, on every rank) and never
-reads or writes a file.
+and without a run folder (no logger) writes nothing; ``require`` refuses a missing or stale
+cache with the reason; ``off`` computes the contexts in memory (``4 D`` bytes per position
+of every split, on every rank) and never reads or writes a file.
 """
 
 from __future__ import annotations
@@ -419,6 +419,7 @@ def resolve_contexts(folder: str | Path | None, mode: str, source: ContextSource
         cache = source.write(target, trainer, batch_size)
     except OSError as exc:
         contexts = source.compute(batch_size)
-        return contexts, f"{why}; contexts computed in {time.perf_counter() - start:.1f}s (could not write {target}: {exc})"
+        seconds = time.perf_counter() - start
+        return contexts, f"{why}; contexts computed in {seconds:.1f}s (could not write {target}: {exc})"
     where = "the cache rewritten" if target == folder else f"cached in {target}"
     return cache, f"{why}; contexts recomputed in {time.perf_counter() - start:.1f}s and {where}"

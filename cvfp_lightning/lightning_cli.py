@@ -6,9 +6,10 @@ LightningDataModule named by ``class_path``, ``data.vocab_size`` linked to the m
 seed 42, a rich progress bar, a ``NonFiniteGuard``, a ``HeadlineMetric`` (``hp_metric``)
 and a ``CarryBest`` on every run, the data settings among the logged hyperparameters,
 ``--ckpt_path last|best`` resolved over earlier runs (a resumed run keeps the earlier run's
-best checkpoint, copied into its own folder) and a resume with changed settings refused. ``trainer.enable_progress_bar`` also switches the package's own
-progress (:mod:`cvfp_lightning.progress`: sequential pass, context cache, Top-K loops) for
-the run. ``CVFPArgumentParser`` (also the parser of the other subcommands) prints parse
+best checkpoint, copied into its own folder) and a resume with changed settings refused.
+``trainer.enable_progress_bar`` also switches the package's own progress
+(:mod:`cvfp_lightning.progress`: sequential pass, context cache, Top-K loops) for the run.
+``CVFPArgumentParser`` (also the parser of the other subcommands) prints parse
 errors as one line on stderr with exit code 2 (the full report with ``--debug``).
 
 The subcommand table and the entry point are in :mod:`cvfp_lightning.cli`; runs called
@@ -28,8 +29,8 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cvfp_lightning import progress
-from cvfp_lightning.callbacks import (CarryBest, EpochCheckpoint, GenerationWriter, HeadlineMetric, NonFiniteGuard, ResidualMonitor,
-                                      RunSummary, TopKReport)
+from cvfp_lightning.callbacks import (CarryBest, EpochCheckpoint, GenerationWriter, HeadlineMetric, NonFiniteGuard,
+                                      ResidualMonitor, RunSummary, TopKReport)
 from cvfp_lightning.errors import CVFPUserError
 from cvfp_lightning.models.legacy import RESUME_REFUSED, is_legacy_state_dict
 from cvfp_lightning.modules.lm_base import NextTokenModule
