@@ -125,9 +125,11 @@ class ContextStore:
 
     # ---- rows -----------------------------------------------------------------------------
     def read(self, start: int, stop: int) -> Tensor:
-        """Rows ``[start, stop)`` of the current generation as float32 ``(stop - start, D)`` on ``device``."""
+        """Rows ``[start, stop)`` of the current generation as float32 ``(stop - start, D)`` on ``device``:
+        a copy, never a view of the store (the caller writes the new values into those rows next and
+        still needs the old ones)."""
         if self.kind == "memory":
-            return self._data[start:stop].float()
+            return self._data[start:stop].to(torch.float32, copy=True)
         out = torch.empty(stop - start, self.dim, dtype=self.dtype)
         if stop > start:
             got = os.preadv(self._fds[self.generation % 2], [_as_bytes(out)], start * self.row_bytes)

@@ -25,6 +25,7 @@ def test_a_store_keeps_rows_across_generations_and_snapshots(tmp_path, kind, dty
         old = store.read(start, min(start + 4, 10))
         assert torch.equal(old, expected[start:start + 4])
         store.write(start, old * 2)
+        assert torch.equal(old, expected[start:start + 4])  # a copy: the write did not change what was read
     store.end_generation()
     assert torch.equal(store.read(0, 10), (expected * 2).to(store.dtype).float())
     record = store.snapshot(tmp_path / "snap")

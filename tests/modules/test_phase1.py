@@ -47,6 +47,13 @@ def test_fit_reaches_early_stop_and_logs_the_named_scalars(tmp_path):
     assert 1.0 < er <= 100.0
     # the global diversity loss is -||X - mean||_F / N of the contexts: negative, bounded by -RMS spread
     assert scalars["train/diversity_loss"][-1][1] < 0
+    # the fixed-point term is the MSE between each position's new and previous context: never 0 with noise
+    # (it read 0 when the store handed out a view that the new contexts overwrote)
+    cvfp = [v for _, v in scalars["train/cvfp_loss"]]
+    div = [v for _, v in scalars["train/diversity_loss"]]
+    total = [v for _, v in scalars["train/loss"]]
+    assert len(cvfp) == len(div) == len(total) == len(rates) and all(c > 0 for c in cvfp), cvfp
+    assert total == pytest.approx([0.2 * c + 0.8 * d for c, d in zip(cvfp, div)], rel=1e-5, abs=1e-7)
     assert_monitor_reads_this_epochs_spectrum(scalars, dim=32)
 
 
