@@ -160,7 +160,10 @@ class CVFPCLI(LightningCLI):
         progress.set_enabled(bars)
         if bars and not any(isinstance(c, ProgressBar) for c in configured):
             callbacks = [*callbacks, RichProgressBar()]
-        return super()._instantiate_trainer(config, callbacks)
+        try:
+            return super()._instantiate_trainer(config, callbacks)
+        except ValueError as exc:  # Lightning's check of a flag's value, e.g. strategy='foo', accelerator='foo'
+            raise CVFPUserError(f"trainer: {one_line(str(exc))}") from exc
 
     def after_fit(self) -> None:
         """Score the test split with the best weights (``RunSummary`` has restored them): the

@@ -67,6 +67,8 @@ CASES = [
     ("unknown updater", ["--model.init_args.context.updater", "lstm"], "lstm"),
     ("unknown centring", ["--model.init_args.diversity_center", "median"], "median"),
     ("negative max_epochs", ["--trainer.max_epochs", "-5"], "max_epochs"),
+    ("unknown strategy", ["--trainer.strategy", "foo"], "trainer: You selected an invalid strategy name"),
+    ("unknown accelerator", ["--trainer.accelerator", "foo"], "trainer: You selected an invalid accelerator name"),
     ("abbreviated option (a typo)", ["--trainer.max_epoch", "1"], "Unrecognized arguments: --trainer.max_epoch"),
     ("missing data file", ["--data.init_args.paths", "[/no/such/file.txt]"], "does not exist"),
     ("empty data file", ["--data.init_args.paths", "[{empty}]"], "is empty"),
