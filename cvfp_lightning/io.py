@@ -90,13 +90,18 @@ def safe_torch_load(path: str | Path) -> Any:
                             "corrupt or from another program: delete it or point to the right file.") from exc
 
 
-def atomic_write_csv(rows: list[dict], columns: list[str], path: str | Path) -> Path:
-    """A CSV with a header of ``columns`` and one line per row (missing keys empty), written atomically."""
+def csv_text(rows: list[dict], columns: list[str]) -> str:
+    """A CSV with a header of ``columns`` and one line per row (missing keys empty)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    return atomic_write_text(buf.getvalue(), path)
+    return buf.getvalue()
+
+
+def atomic_write_csv(rows: list[dict], columns: list[str], path: str | Path) -> Path:
+    """:func:`csv_text` of ``rows``, written atomically."""
+    return atomic_write_text(csv_text(rows, columns), path)
 
 
 # ---- a command's output path ---------------------------------------------------------------------------

@@ -13,7 +13,9 @@ iterations, no warmup). Reported per count: convergence rate and mean iterations
     cvfp token-scaling --print_config                    # every option
 
 Prints the seed document's table layout and writes ``<out>/token_scaling.csv`` (one row per
-run, with wall seconds). A progress bar over the runs (ETA from the mean time per run so far)
+run, with wall seconds). ``--out`` is checked before the runs: an existing ``token_scaling.csv``
+there is replaced only when it is an earlier one of this command (its header), any other file
+is refused and kept. A progress bar over the runs (ETA from the mean time per run so far)
 shows on stderr; ``--progress false`` hides it.
 """
 
@@ -30,12 +32,14 @@ import torch
 from cvfp_lightning import progress
 from cvfp_lightning.data.text import SyntheticTokensDataModule
 from cvfp_lightning.errors import check
-from cvfp_lightning.io import atomic_write_csv
+from cvfp_lightning.io import check_output_file, csv_text, read_text_upto, write_output
 from cvfp_lightning.lightning_cli import CVFPArgumentParser
 from cvfp_lightning.modules.phase1 import Phase1Tokenwise
 
 ARCHITECTURES = ("sequential", "layerwise")
 COLUMNS = ["tokens", "architecture", "convergence_rate", "mean_iterations", "train_convergence_rate", "seconds"]
+CSV_NAME = "token_scaling.csv"
+EARLIER = "an earlier cvfp token-scaling table (its header: " + ", ".join(COLUMNS) + ")"
 
 
 class TokenRangeDataModule(SyntheticTokensDataModule):
@@ -128,8 +132,21 @@ def parse_args(argv: list[str]):
           f"--counts {args.counts} is invalid: every count must be >= 1.")
     bad = [a for a in args.architectures if a not in ARCHITECTURES]
     check(not bad, f"--architectures {bad} is unknown: expected some of {list(ARCHITECTURES)}.")
+    check(len(args.architectures) > 0, "--architectures [] is empty: give some of "
+                                       f"{list(ARCHITECTURES)}.")
     check(args.epochs >= 1, f"--epochs {args.epochs} is invalid: expected >= 1.")
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    names = sorted(set(AcceleratorRegistry.available_accelerators()) | {"auto", "gpu"})
+    check(args.accelerator in names, f"--accelerator {args.accelerator!r} is unknown: expected one of {', '.join(names)}.")
+    check_output_file(Path(args.out) / CSV_NAME, "--out", is_token_scaling_csv, EARLIER)  # before the runs
     return args
+
+
+def is_token_scaling_csv(path: Path) -> bool:
+    """Whether ``path`` is an earlier ``token_scaling.csv`` (its header is :data:`COLUMNS`): what may be replaced."""
+    text = read_text_upto(path, 64 << 20)
+    return text is not None and text.split("\n", 1)[0].strip() == ",".join(COLUMNS)
 
 
 def main(argv: list[str]) -> list[dict]:
@@ -146,7 +163,8 @@ def main(argv: list[str]) -> list[dict]:
             print(f"{n:4d} tokens  {arch:10s}  converged {100 * r['convergence_rate']:5.1f}%  "
                   f"mean iterations {r['mean_iterations']:5.2f}  ({r['seconds']:.1f} s)", flush=True)
             bar.advance(1)
-    path = atomic_write_csv(rows, COLUMNS, Path(args.out) / "token_scaling.csv")
+    path = write_output(csv_text(rows, COLUMNS), Path(args.out) / CSV_NAME, "--out", is_token_scaling_csv, EARLIER,
+                        note="; the table is printed below")
     print()
     print(table(rows))
     print(f"\nwritten: {path}")

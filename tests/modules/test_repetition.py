@@ -165,3 +165,22 @@ def test_token_scaling_script_prints_the_seed_table(tmp_path, capsys):
         assert 0.0 <= r["convergence_rate"] <= 1.0 and 1.0 <= r["mean_iterations"] <= 20.0
     lines = (tmp_path / "token_scaling.csv").read_text().splitlines()
     assert lines[0].startswith("tokens,architecture,convergence_rate,mean_iterations") and len(lines) == 5
+
+
+@pytest.mark.parametrize("make, args, message", [
+    (lambda d: (d / "token_scaling.csv").write_text("my notes\n"), [], "exists and is not an earlier cvfp token-scaling"),
+    (lambda d: (d / "file").write_text("x"), ["--out", "{d}/file"], "is a file, not a folder"),
+    (lambda d: None, ["--architectures", "[]"], r"--architectures \[\] is empty"),
+    (lambda d: None, ["--accelerator", "foo"], "--accelerator 'foo' is unknown"),
+])
+def test_token_scaling_refuses_bad_options_before_any_run(tmp_path, monkeypatch, make, args, message):
+    from cvfp_lightning import CVFPUserError
+    from cvfp_lightning.experiments import token_count_scaling
+
+    make(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(token_count_scaling, "run_one", lambda *a: pytest.fail("a run started"))
+    argv = ["--counts", "[3]", "--out", str(tmp_path), *[a.format(d=tmp_path) for a in args]]
+    with pytest.raises(CVFPUserError, match=message):
+        token_count_scaling.main(argv)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # the user's file is as it was
