@@ -9,6 +9,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -70,8 +71,21 @@ def atomic_write_text(text: str, path: str | Path) -> Path:
     return _atomic_write(Path(path), lambda handle: handle.write(text.encode("utf-8")))
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) as None: ``json.dumps`` would write ``NaN``,
+    which is not JSON (``jq``, JavaScript and strict parsers refuse the file)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(obj: Any, path: str | Path) -> Path:
-    return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+    """``obj`` as indented JSON (non-finite numbers as null), written atomically."""
+    return atomic_write_text(json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n", path)
 
 
 def safe_torch_load(path: str | Path) -> Any:

@@ -88,6 +88,18 @@ def test_atomic_writes_leave_no_partial_file(tmp_path, monkeypatch):
     assert (tmp_path / "meta.json").stat().st_mode & 0o777 == 0o600
 
 
+def test_json_files_hold_no_nan(tmp_path):
+    """A metric that is NaN (the bpb of synthetic ids, which have no text) is written as null."""
+    import json
+
+    from cvfp_lightning.io import atomic_write_json
+
+    atomic_write_json({"val/bpb": float("nan"), "x": [1.0, float("inf")], "ok": 2.5}, tmp_path / "s.json")
+    text = (tmp_path / "s.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"val/bpb": None, "x": [1.0, None], "ok": 2.5}
+
+
 def test_unreadable_files_are_named_in_one_line(tmp_path):
     text = tmp_path / "notes.ckpt"
     text.write_text("hello world\n", encoding="utf-8")
