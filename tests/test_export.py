@@ -585,8 +585,10 @@ def test_train_export_evaluate_generate(tmp_path, corpus, capsys):
     for metric in ("loss", "ppl", "acc", "bpb"):
         assert ddp[metric] == pytest.approx(phase2_result[metric], rel=1e-5), metric
 
-    # cvfp predict (the checkpoint) and cvfp generate (the folder): the same continuations
+    # cvfp predict (the checkpoint) and cvfp generate (the folder): the same continuations, with the default
+    # seeds too (phase2.yaml samples at temperature 0.8, top-k 40)
     for extra in ([["--greedy", "true"], ["--model.init_args.greedy", "true"]],
+                  [["--temperature", "0.8", "--top_k", "40"], []],
                   [["--temperature", "0.8", "--top_k", "40", "--top_p", "0.9", "--seed", "11"],
                    ["--model.init_args.temperature", "0.8", "--model.init_args.top_k", "40",
                     "--model.init_args.top_p", "0.9", "--model.init_args.seed", "11"]]):

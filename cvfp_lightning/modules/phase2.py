@@ -162,8 +162,9 @@ class Phase2LM(NextTokenModule):
         top_k: sample among the k most likely ids (null: all).
         top_p: sample among the most likely ids whose probabilities sum to top_p (null: all).
         greedy: take the most likely id instead of sampling.
-        seed: seed of every prompt's samples (null: the run's global RNG, set by ``seed_everything``);
-            ``cvfp generate --seed`` of the exported model gives the same continuations.
+        seed: seed of every prompt's samples (default 42, ``cvfp generate``'s default, so the two give
+            the same continuations for the same options; null: the run's global RNG, set by
+            ``seed_everything``); ``cvfp generate --seed`` of the exported model gives the same ones.
     """
 
     data_layout = "positions"
@@ -175,7 +176,7 @@ class Phase2LM(NextTokenModule):
                  cache: Literal["auto", "require", "off"] = "auto", cache_path: str | None = None,
                  seq_batch_size: int = 256, prompts: list[str] | str | None = None, prompt_file: str | None = None,
                  max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
-                 greedy: bool = False, top_p: float | None = None, seed: int | None = None,
+                 greedy: bool = False, top_p: float | None = None, seed: int | None = 42,
                  weight_decay: float = 0.0):
         super().__init__()
         check(cache in CACHE_MODES, f"model.cache={cache!r} is unknown: expected one of {', '.join(CACHE_MODES)}.")

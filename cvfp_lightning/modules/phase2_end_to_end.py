@@ -82,7 +82,7 @@ class Phase2EndToEnd(Phase2LM):
                  context_lr: float = 1e-4, grad_clip: float = 1.0, dropout: float = 0.0, seq_batch_size: int = 256,
                  prompts: list[str] | str | None = None, prompt_file: str | None = None, max_new_tokens: int = 50,
                  temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
-                 top_p: float | None = None, seed: int | None = None, weight_decay: float = 0.0):
+                 top_p: float | None = None, seed: int | None = 42, weight_decay: float = 0.0):
         check_positive("model.context_lr", context_lr, allow_zero=True)
         super().__init__(vocab_size, phase1_checkpoint, phase1, weight_tying, freeze_embedding, lr, grad_clip,
                          dropout=dropout, cache="off", seq_batch_size=seq_batch_size, prompts=prompts,
