@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from cvfp_lightning import progress
 from cvfp_lightning.callbacks import (CarryBest, EpochCheckpoint, GenerationWriter, HeadlineMetric, NonFiniteGuard,
-                                      ResidualMonitor, RunSummary, TopKReport)
+                                      ResidualMonitor, RunSummary, TopKReport, TrainingDiverged)
 from cvfp_lightning.errors import CVFPUserError
 from cvfp_lightning.models.legacy import RESUME_REFUSED, is_legacy_state_dict
 from cvfp_lightning.modules.lm_base import NextTokenModule
@@ -164,6 +164,35 @@ class CVFPCLI(LightningCLI):
             return super()._instantiate_trainer(config, callbacks)
         except ValueError as exc:  # Lightning's check of a flag's value, e.g. strategy='foo', accelerator='foo'
             raise CVFPUserError(f"trainer: {one_line(str(exc))}") from exc
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; a fit refused with a user error before its first step leaves no run folder."""
+        try:
+            super()._run_subcommand(subcommand)
+        except CVFPUserError as exc:
+            if subcommand == "fit" and not isinstance(exc, TrainingDiverged) and self.trainer.global_step == 0:
+                self._remove_refused_run_folder()  # refused before any training step (a diverged run keeps its logs)
+            raise
+
+    # what a fit writes into its new run folder before its first checkpoint
+    _SETUP_FILES = ("config.yaml", "hparams.yaml", "events.out.tfevents.")
+
+    def _remove_refused_run_folder(self) -> None:
+        """The run folder this fit created, when it holds only set-up files (no checkpoint, no
+        summary): a refused run is not an empty ``version_N`` in TensorBoard and ``--ckpt_path last``."""
+        trainer = self.trainer
+        if trainer.logger is None or not trainer.is_global_zero or not trainer.log_dir:
+            return
+        folder = Path(trainer.log_dir)
+        if not folder.is_dir():
+            return
+        entries = [p for p in folder.rglob("*") if p.is_file()]
+        only_setup = all(p.parent in (folder, folder / "checkpoints") and p.name.startswith(self._SETUP_FILES)
+                         for p in entries)
+        if only_setup and all(p.is_dir() for p in folder.iterdir() if p.name == "checkpoints"):
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
 
     def after_fit(self) -> None:
         """Score the test split with the best weights (``RunSummary`` has restored them): the
