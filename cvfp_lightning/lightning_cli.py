@@ -181,9 +181,11 @@ class CVFPCLI(LightningCLI):
         """The run folder this fit created, when it holds only set-up files (no checkpoint, no
         summary): a refused run is not an empty ``version_N`` in TensorBoard and ``--ckpt_path last``."""
         trainer = self.trainer
-        if trainer.logger is None or not trainer.is_global_zero or not trainer.log_dir:
+        # the logger's own log_dir: Trainer.log_dir is a broadcast, which would wait for ranks that do not come here
+        log_dir = getattr(trainer.logger, "log_dir", None) if trainer.is_global_zero else None
+        if not log_dir:
             return
-        folder = Path(trainer.log_dir)
+        folder = Path(log_dir)
         if not folder.is_dir():
             return
         entries = [p for p in folder.rglob("*") if p.is_file()]

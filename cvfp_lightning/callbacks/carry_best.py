@@ -62,11 +62,13 @@ class CarryBest(L.Callback):
         best_k = {}
         for path, score in (state.get("best_k_models") or {}).items():
             target = _moved(path, old_dir, new_dir)
+            # checked on every rank (each reads the resumed checkpoint, so the files are shared): a rank that
+            # raised alone would leave the others waiting at the barrier
+            if target != path and not os.path.isfile(path):
+                raise CVFPUserError(f"--ckpt_path: the run being resumed records {path} as a best checkpoint "
+                                    f"({state['monitor']} = {float(score):.4f}) but the file is missing, so the "
+                                    "resumed run cannot keep its best weights: put the file back.")
             if copy and target != path:
-                if not os.path.isfile(path):
-                    raise CVFPUserError(f"--ckpt_path: the run being resumed records {path} as a best checkpoint "
-                                        f"({state['monitor']} = {float(score):.4f}) but the file is missing, so the "
-                                        "resumed run cannot keep its best weights: put the file back.")
                 atomic_copy(path, target)
             best_k[target] = score
         return {**state, "dirpath": new_dir, "best_k_models": best_k,

@@ -280,6 +280,19 @@ def test_a_resumed_run_keeps_the_best_of_the_epochs_before_its_resume(tmp_path, 
 
 
 @pytest.mark.slow
+def test_a_resume_whose_best_checkpoint_is_gone_is_one_error_and_leaves_no_folder(tmp_path, corpus):
+    from cvfp_lightning import CVFPUserError
+    from cvfp_lightning.runs import fit
+
+    args = [*_tiny_run("phase2", tmp_path, corpus), "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]
+    first = fit([*args, "--trainer.max_epochs", "2"])
+    (first.log_dir / "checkpoints" / "best.ckpt").unlink()
+    with pytest.raises(CVFPUserError, match="records .*best.ckpt as a best checkpoint .* but the file is missing"):
+        fit([*args, "--trainer.max_epochs", "3", "--ckpt_path", "last"])
+    assert sorted(p.name for p in first.log_dir.parent.iterdir()) == [first.log_dir.name]  # no refused run folder
+
+
+@pytest.mark.slow
 def test_a_resumed_phase2_runs_checkpoints_export_evaluate_and_resume(tmp_path, corpus):
     """The Phase 1 digest a resumed run records is that of the weights it carries, not of a fresh block."""
     import json
