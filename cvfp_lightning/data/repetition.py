@@ -22,6 +22,7 @@ import logging
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -206,6 +207,14 @@ class RepeatedPhraseDataModule(RepeatedIdsDataModule):
                   f"RepeatedPhraseDataModule changes stage every {self.epochs_per_stage} epochs, but "
                   f"trainer.reload_dataloaders_every_n_epochs={self.trainer.reload_dataloaders_every_n_epochs}: "
                   "set trainer.reload_dataloaders_every_n_epochs: 1 (or data.max_stage: 1).")
+            needed, epochs = self.max_stage * self.epochs_per_stage, self.trainer.max_epochs
+            if self.trainer.current_epoch == 0 and epochs is not None and 0 <= epochs < needed:
+                last = self.stage_for_epoch(max(epochs - 1, 0))
+                skipped = (f"stage {self.max_stage} is" if last + 1 == self.max_stage
+                           else f"stages {last + 1} to {self.max_stage} are")
+                rank_zero_warn(f"trainer.max_epochs={epochs} ends in stage {last} of data.max_stage={self.max_stage} "
+                               f"({self.epochs_per_stage} epochs each): {skipped} never trained; give "
+                               f"trainer.max_epochs {needed} for all of them.")
         stage = self.current_stage
         log.info("stage %d: %d phrases, cycle lengths %s", stage, len(self.stages[stage]), self.cycle_lengths(stage))
         return self._loader(self.stages[stage], shuffle=self.shuffle)

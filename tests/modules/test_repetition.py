@@ -120,6 +120,16 @@ def test_stages_need_dataloaders_reloaded_every_epoch(tmp_path):
         trainer.fit(model, datamodule=dm)
 
 
+def test_too_few_epochs_for_the_stages_is_said(tmp_path):
+    dm = RepeatedPhraseDataModule(vocabulary=["red apple"], max_stage=2, epochs_per_stage=1, repetitions=3)
+    model = RepetitionCVFPT(vocab_size=dm.vocab_size, context=TINY, embedding={"embed_dim": 8})
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, reload_dataloaders_every_n_epochs=1)
+    with pytest.warns(UserWarning, match="trainer.max_epochs=1 ends in stage 1 of data.max_stage=2 .* stage 2 is never "
+                                         "trained; give trainer.max_epochs 2"):
+        trainer.fit(model, datamodule=dm)
+
+
 def test_cli_exits_2_with_one_line_for_max_stage_0(tmp_path, capsys):
     err = cli_error(["fit", "--config", str(CONFIGS / "repetition.yaml"), "--data.init_args.max_stage", "0",
                      "--trainer.logger.init_args.save_dir", str(tmp_path)], capsys)
