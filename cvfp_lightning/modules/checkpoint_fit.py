@@ -12,9 +12,8 @@ from torch import nn
 from cvfp_lightning.errors import CVFPUserError
 
 
-def shape_mismatches(module: nn.Module, state: dict) -> list[str]:
-    """``"name: checkpoint (..) vs model (..)"`` for every weight of both whose shapes differ."""
-    own = module.state_dict()
+def shape_mismatches(own: dict, state: dict) -> list[str]:
+    """``"name: checkpoint (..) vs model (..)"`` for every weight of both state dicts whose shapes differ."""
     return [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
             for k in sorted(set(own) & set(state))
             if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -23,7 +22,7 @@ def shape_mismatches(module: nn.Module, state: dict) -> list[str]:
 def check_checkpoint_fits(module: nn.Module, checkpoint: dict) -> None:
     """Raise one ``CVFPUserError`` naming the first mismatched weights when ``checkpoint`` does not fit."""
     state = checkpoint.get("state_dict")
-    shapes = shape_mismatches(module, state) if isinstance(state, dict) else []
+    shapes = shape_mismatches(module.state_dict(), state) if isinstance(state, dict) else []
     if shapes:
         raise CVFPUserError(f"the checkpoint does not fit this {type(module).__name__} ({'; '.join(shapes[:3])}): "
                             "it was trained with another tokenizer (vocabulary size) or other model settings; use "

@@ -78,14 +78,15 @@ def resolve_checkpoint_path(path: str | None) -> Path:
     return Path(expanded)
 
 
-def load_phase1(path: Path, vocab_size: int = 0):
+def load_phase1(path: Path, vocab_size: int = 0, checkpoint: dict | None = None):
     """Embedding and context block of a Phase 1 checkpoint: ``(embedding, updater, hparams)``.
 
     Built from the checkpoint's hyperparameters without fetching a pretrained embedding
     (the weights are in the checkpoint), then loaded from its ``state_dict``.
-    ``vocab_size`` (when > 0) must equal the checkpoint's.
+    ``vocab_size`` (when > 0) must equal the checkpoint's. ``checkpoint``: the file's content when
+    the caller has read it already.
     """
-    ckpt = safe_torch_load(path)
+    ckpt = checkpoint if checkpoint is not None else safe_torch_load(path)
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     is_phase1 = (isinstance(hp, dict) and isinstance(state, dict) and {"vocab_size", "context", "embedding"} <= set(hp)
@@ -190,11 +191,14 @@ class Phase2LM(NextTokenModule):
         self.top_p, self.seed = top_p, seed
         self.cache_mode, self.cache_path, self.seq_batch_size = cache, cache_path, seq_batch_size
 
+        self._phase1_snapshot: dict | None = None  # the Phase 1 run's data snapshot (its tokenizer), once read
         if phase1 is not None:  # the pairing of a Phase 2 checkpoint: its own weights follow
             self.phase1_path, embedding, updater, p1 = phase1_from_record(phase1, vocab_size)
         else:
             self.phase1_path = resolve_checkpoint_path(phase1_checkpoint)
-            embedding, updater, p1 = load_phase1(self.phase1_path, vocab_size)
+            ckpt = safe_torch_load(self.phase1_path)
+            embedding, updater, p1 = load_phase1(self.phase1_path, vocab_size, ckpt)
+            self._phase1_snapshot = find_data_snapshot(ckpt) or {}
         self.phase1_hparams = p1
         self.lm = CVFPLanguageModel(embedding, updater, weight_tying=weight_tying, train_embedding=not freeze_embedding,
                                     dropout=dropout)
@@ -227,10 +231,11 @@ class Phase2LM(NextTokenModule):
         """The data's tokenizer must be the Phase 1 run's (with a fitted one, same size is not enough)."""
         dm = getattr(self.trainer, "datamodule", None)
         tok = getattr(dm, "tokenizer", None)
-        if tok is None or not self.phase1_path.is_file():
+        if tok is None or (self._phase1_snapshot is None and not self.phase1_path.is_file()):
             return
-        snapshot = find_data_snapshot(safe_torch_load(self.phase1_path)) or {}
-        expected = (snapshot.get("tokenizer") or {}).get("fingerprint")
+        if self._phase1_snapshot is None:  # built from a record: the Phase 1 file is read only now
+            self._phase1_snapshot = find_data_snapshot(safe_torch_load(self.phase1_path)) or {}
+        expected = (self._phase1_snapshot.get("tokenizer") or {}).get("fingerprint")
         check(expected is None or expected == tokenizer_fingerprint(tok),
               f"the data's tokenizer is not the one Phase 1 was trained with ({self.phase1_path}): give the data "
               "block (paths, splits, tokenizer) of that Phase 1 run.")
@@ -330,7 +335,7 @@ class Phase2LM(NextTokenModule):
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
-        shapes = shape_mismatches(self, state)
+        shapes = shape_mismatches(own, state)
         if missing or unexpected or shapes:
             detail = "; ".join(shapes[:4] + [f"missing {missing[:4]}"] * bool(missing)
                                + [f"unexpected {unexpected[:4]}"] * bool(unexpected))
