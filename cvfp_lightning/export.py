@@ -45,7 +45,7 @@ from typing import Optional
 from cvfp_lightning.data.snapshot import find_data_snapshot, restore_tokenizer
 from cvfp_lightning.errors import CVFPUserError, check
 from cvfp_lightning.hub import FORMAT, BaselineModel, CVFPModel, load_exported, read_export_config
-from cvfp_lightning.io import check_writable_folder, safe_torch_load
+from cvfp_lightning.io import check_writable_folder, current_umask, safe_torch_load
 
 METRICS = ("loss", "ppl", "acc", "bpb")
 # what save_pretrained writes (special_tokens_map.json and added_tokens.json: older transformers' tokenizers)
@@ -349,8 +349,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: boo
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         model.save_pretrained(tmp, model_card_kwargs={"body": body})
-        umask = os.umask(0o022)
-        os.umask(umask)
+        umask = current_umask()
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp and safetensors create private files: an export is for sharing
         for path in tmp.iterdir():
             os.chmod(path, 0o666 & ~umask)

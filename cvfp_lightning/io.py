@@ -21,8 +21,18 @@ import torch
 from cvfp_lightning.errors import CVFPUserError, check
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def current_umask() -> int:
+    """The process's umask: read from ``/proc/self/status`` where it is there (Linux), since
+    ``os.umask`` can only be read by setting it, which for a moment gives the other threads'
+    new files another mode."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -34,7 +44,7 @@ def _atomic_write(path: Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -99,7 +109,8 @@ def safe_torch_load(path: str | Path) -> Any:
     except Exception as exc:  # pickle errors, zip errors, unsupported globals, EOF...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         first = f"{type(exc).__name__}: {first}" if len(first) < 8 else first  # a bare "101" says nothing
-        first = first if len(first) <= 200 else first[:first.rfind(" ", 0, 200)] + " ..."
+        cut = first.rfind(" ", 0, 200)  # at a word, or at 200 characters when there is no space before
+        first = first if len(first) <= 200 else first[:cut if cut > 0 else 200] + " ..."
         raise CVFPUserError(f"{str(path)!r} is not a readable cvfp_lightning file ({first}); it may be truncated, "
                             "corrupt or from another program: delete it or point to the right file.") from exc
 

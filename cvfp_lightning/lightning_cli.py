@@ -188,10 +188,8 @@ class CVFPCLI(LightningCLI):
         folder = Path(log_dir)
         if not folder.is_dir():
             return
-        entries = [p for p in folder.rglob("*") if p.is_file()]
-        only_setup = all(p.parent in (folder, folder / "checkpoints") and p.name.startswith(self._SETUP_FILES)
-                         for p in entries)
-        if only_setup and all(p.is_dir() for p in folder.iterdir() if p.name == "checkpoints"):
+        files = [p for p in folder.rglob("*") if not p.is_dir()]
+        if all(p.parent in (folder, folder / "checkpoints") and p.name.startswith(self._SETUP_FILES) for p in files):
             import shutil
 
             shutil.rmtree(folder, ignore_errors=True)

@@ -110,6 +110,16 @@ def test_unreadable_files_are_named_in_one_line(tmp_path):
         safe_torch_load(tmp_path)
 
 
+def test_a_long_load_error_is_cut_at_a_word_or_at_200_characters(tmp_path, monkeypatch):
+    path = tmp_path / "x.ckpt"
+    path.write_bytes(b"x")
+    for message, kept in (("word " * 60, "word " * 39 + "word"), ("z" * 300, "z" * 200)):
+        monkeypatch.setattr(torch, "load", lambda *a, message=message, **k: (_ for _ in ()).throw(ValueError(message)))
+        with pytest.raises(CVFPUserError) as info:
+            safe_torch_load(path)
+        assert f"({kept} ...);" in str(info.value)
+
+
 def test_untrusted_pickles_are_refused(tmp_path):
     class Evil:
         def __reduce__(self):
