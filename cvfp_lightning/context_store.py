@@ -127,7 +127,8 @@ class ContextStore:
     def read(self, start: int, stop: int) -> Tensor:
         """Rows ``[start, stop)`` of the current generation as float32 ``(stop - start, D)`` on ``device``:
         a copy, never a view of the store (the caller writes the new values into those rows next and
-        still needs the old ones)."""
+        still needs the old ones): ``4 D`` transient bytes per row read, as the bf16 / fp16 and disk
+        stores always made; the store itself stays ``D * itemsize`` per position."""
         if self.kind == "memory":
             return self._data[start:stop].to(torch.float32, copy=True)
         out = torch.empty(stop - start, self.dim, dtype=self.dtype)
