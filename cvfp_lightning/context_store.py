@@ -27,10 +27,13 @@ disk store's snapshot hashes its whole current file, which would otherwise be ca
 
 :meth:`snapshot` writes (memory) or names (disk) a file holding the current generation and
 returns its record ``{"file", "sha256", "rows", "dim", "dtype"}`` for a checkpoint;
-:meth:`restore` copies one back after checking its size and digest. A memory store's
-snapshot file is overwritten by the next one, and a disk store's file two generations
-later: only the newest checkpoint's contexts are kept (bounded disk use), and an older
-checkpoint's are refused as changed.
+:meth:`restore` copies one back after checking its size and digest. A memory store writes
+each snapshot into the folder it is given (the caller names one per step, ``step-N``) and
+the caller removes older ones with :func:`prune_snapshots`, keeping the newest two: the
+checkpoint being written may never be completed (a run killed while saving), and the
+previous checkpoint's file must then still be there. On disk that is ``2 * D * itemsize``
+per position, like a disk store, whose file is overwritten two generations later. An
+older checkpoint's contexts are gone (bounded disk use) and refused as changed or missing.
 """
 
 from __future__ import annotations
@@ -214,8 +217,8 @@ class ContextStore:
                     "with the same data, devices and context_dtype.")
         check(path.stat().st_size == self.num_rows * self.row_bytes and file_sha256(path) == record.get("sha256"),
               f"the checkpoint's context file {path} was changed after the checkpoint was written (its digest "
-              "differs; only the newest checkpoint's contexts are kept): resume from the run's last.ckpt, or start "
-              "a new run.")
+              "differs; only the newest two checkpoints' contexts are kept): resume from the run's last.ckpt, or "
+              "start a new run.")
         block = 1 << 16
         self.begin_generation()
         with open(path, "rb") as handle:
@@ -225,3 +228,18 @@ class ContextStore:
                 self.write(start, torch.frombuffer(raw, dtype=self.dtype).reshape(rows, self.dim))
         self.end_generation()
         drop_page_cache(path)
+
+
+def prune_snapshots(root: str | Path, name: str, keep: set[Path]) -> None:
+    """Remove the memory snapshot files ``root/step-*/<name>.bin`` (and a killed write's temporary
+    file) of every folder not in ``keep``, then the folder once no rank's file is left in it. Only
+    this store's own files are removed: each rank prunes its own, so ranks never race on one file."""
+    root = Path(root)
+    keep = {Path(k).resolve() for k in keep}
+    for folder in sorted(p for p in root.glob("step-*") if p.is_dir() and p.resolve() not in keep):
+        for path in (folder / f"{name}.bin", folder / f".{name}.bin.tmp"):  # the tmp: a write that was killed
+            path.unlink(missing_ok=True)
+        try:
+            folder.rmdir()
+        except OSError:  # another rank's file is still in it
+            pass

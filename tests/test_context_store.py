@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cvfp_lightning import CVFPUserError
-from cvfp_lightning.context_store import ContextStore
+from cvfp_lightning.context_store import ContextStore, prune_snapshots
 
 
 @pytest.mark.parametrize("kind", ["memory", "disk"])
@@ -68,3 +68,18 @@ def test_snapshot_and_restore_drop_the_page_cache_of_their_file(tmp_path, monkey
     other.restore(record)  # hashed and read
     assert os.path.realpath(record["file"]) in dropped
     assert torch.equal(other.read(0, 10), store.read(0, 10))
+
+
+def test_prune_snapshots_removes_only_this_stores_files_outside_the_kept_folders(tmp_path):
+    for step in (1, 2, 3):
+        folder = tmp_path / f"step-{step:010d}"
+        folder.mkdir()
+        (folder / "train.rank0-of-2.bin").write_bytes(b"0")
+    (tmp_path / "step-0000000001" / "train.rank1-of-2.bin").write_bytes(b"1")  # another rank's, not yet pruned
+    (tmp_path / "step-0000000002" / ".train.rank0-of-2.bin.tmp").write_bytes(b"t")  # a killed write
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "train.rank0-of-2.bin").write_bytes(b"x")  # not a snapshot folder
+    prune_snapshots(tmp_path, "train.rank0-of-2", {tmp_path / "step-0000000003"})
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
+        "other", "other/train.rank0-of-2.bin", "step-0000000001", "step-0000000001/train.rank1-of-2.bin",
+        "step-0000000003", "step-0000000003/train.rank0-of-2.bin"]

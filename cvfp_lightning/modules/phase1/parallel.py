@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from cvfp_lightning.context_store import DTYPES, ContextDtype, ContextStore, StoreKind
+from cvfp_lightning.context_store import DTYPES, ContextDtype, ContextStore, StoreKind, prune_snapshots
 from cvfp_lightning.data.shards import shard_view
 from cvfp_lightning.errors import check, check_fraction, check_positive
 from cvfp_lightning.losses import diversity_loss, diversity_surrogate
@@ -113,6 +113,7 @@ class Phase1Parallel(Phase1Base):
         self._sums: dict[str, Tensor] = {}
         self._legacy: dict[str, Tensor] = {}  # contexts inline in a checkpoint written before
         self._snapshot_step: tuple[int, dict] | None = None
+        self._previous_snapshot: dict[str, tuple[Path, ...]] = {}  # per split: the folder of the last checkpoint's file
         self._iteration0_seconds = 0.0  # wall time of the sequential pass (0 when resumed)
         self._iteration0_tokens = 0  # tokens of that pass (train, and validation when this fit validates)
 
@@ -257,6 +258,7 @@ class Phase1Parallel(Phase1Base):
         r = shard.rank
         store.restore({"file": record["files"][r], "sha256": record["sha256"][r], "rows": shard.num_tokens,
                        "dim": self.context_dim, "dtype": record["dtype"]})
+        self._previous_snapshot[split] = (Path(record["files"][r]).parent,)
 
     # ---- one iteration ---------------------------------------------------------------------------
     def _step(self, split: str, batch: dict[str, Tensor], noise: bool) -> tuple[Tensor, Tensor]:
@@ -386,9 +388,14 @@ class Phase1Parallel(Phase1Base):
         if self._snapshot_step is not None and self._snapshot_step[0] == step:
             return self._snapshot_step[1]
         records = {}
+        root = self._folder() / "snapshot"
+        folder = root / f"step-{step:010d}"  # one per step: the previous checkpoint's file survives a killed save
         for split, store in self._stores.items():
             shard, _ = self._shards[split]
-            mine = store.snapshot(self._folder() / "snapshot")
+            mine = store.snapshot(folder)
+            if store.kind == "memory":
+                prune_snapshots(root, store.name, {folder, *self._previous_snapshot.get(split, ())})
+                self._previous_snapshot[split] = (Path(mine["file"]).parent,)
             digest = torch.frombuffer(bytearray.fromhex(mine["sha256"]), dtype=torch.uint8).to(self.device)
             digests = self.all_gather(digest).reshape(-1, 32) if self.trainer.world_size > 1 else digest[None]
             own = Path(mine["file"])  # every rank's file is named like this one, with its rank
