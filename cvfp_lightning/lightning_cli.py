@@ -36,6 +36,7 @@ from cvfp_lightning.models.legacy import RESUME_REFUSED, is_legacy_state_dict
 from cvfp_lightning.modules.lm_base import NextTokenModule
 from cvfp_lightning.modules.phase1.base import Phase1Base
 from cvfp_lightning.modules.topk import TopKBase
+from cvfp_lightning.schedulers import add_scheduler, check_resumed_schedulers
 
 
 def _flatten(d, prefix: str = "") -> dict:
@@ -165,6 +166,23 @@ class CVFPCLI(LightningCLI):
         except ValueError as exc:  # Lightning's check of a flag's value, e.g. strategy='foo', accelerator='foo'
             raise CVFPUserError(f"trainer: {one_line(str(exc))}") from exc
 
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        """Lightning's ``--optimizer`` (with its ``--lr_scheduler``), or ``--lr_scheduler`` alone on
+        the model's own optimizer (Lightning would ignore it: :mod:`cvfp_lightning.schedulers`)."""
+        super()._add_configure_optimizers_method_to_model(subcommand)
+        scheduler = self._configured_scheduler(subcommand)
+        if scheduler is None or self._get(self.config_init, "optimizer"):
+            return
+        add_scheduler(self.model, scheduler)
+
+    def _configured_scheduler(self, subcommand: str | None, config=None) -> dict | None:
+        """The run's ``lr_scheduler`` as ``{"class_path", "init_args"}`` (None without one)."""
+        if not self.auto_configure_optimizers or "lr_scheduler" not in self._parser(subcommand)._lr_schedulers:
+            return None
+        config = self.config_init if config is None else config
+        value = config.get(subcommand, config).get("lr_scheduler") if subcommand else config.get("lr_scheduler")
+        return _to_plain(value) or None
+
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; a fit refused with a user error before its first step leaves no run folder."""
         try:
@@ -284,6 +302,9 @@ class CVFPCLI(LightningCLI):
             raise CVFPUserError(f"--ckpt_path {ckpt_path!r} is not a Lightning checkpoint (no state_dict).")
         if sub == "fit" and ckpt.get("optimizer_states") and is_legacy_state_dict(ckpt["state_dict"]):
             raise CVFPUserError(f"--ckpt_path {ckpt_path!r}: {RESUME_REFUSED}")
+        if sub == "fit" and ckpt.get("optimizer_states"):
+            check_resumed_schedulers(ckpt_path, ckpt.get("lr_schedulers") or [],
+                                     self._configured_scheduler(sub, self.config))
         saved_hp = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
         model_cfg = self.config[sub].get("model")
         init_args = getattr(model_cfg, "init_args", None)

@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parents[1] / "cvfp_lightning"
 # lowest first; a module may import its own layer and the ones below
 LAYERS = [
     ("foundation", ("errors", "io", "runtime", "progress")),
-    ("models, maths and data", ("models", "solvers", "losses", "metrics", "optim", "diagnostics", "data",
+    ("models, maths and data", ("models", "solvers", "losses", "metrics", "optim", "schedulers", "diagnostics", "data",
                                 "sequential_pass", "generation", "hub", "context_store")),
     ("the context cache", ("context_cache",)),
     ("LightningModules", ("modules",)),

@@ -134,6 +134,22 @@ class Phase1Base(L.LightningModule):
         self._iter_start = time.perf_counter()
         self.train_residuals.reset()
 
+    def on_train_epoch_end(self) -> None:
+        """Step the ``--lr_scheduler`` once per iteration (Lightning does not under manual
+        optimization); ``ReduceLROnPlateau`` reads its ``monitor`` from the iteration's metrics."""
+        scheduler = self.lr_schedulers()
+        if scheduler is None:
+            return
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            monitor = getattr(scheduler, "monitor", None)
+            value = self.trainer.callback_metrics.get(monitor)
+            if value is None:
+                raise CVFPUserError(f"--lr_scheduler ReduceLROnPlateau: monitor {monitor!r} is not logged; "
+                                    f"{type(self).__name__} logs {sorted(self.trainer.callback_metrics)}.")
+            scheduler.step(value)
+        else:
+            scheduler.step()
+
     def on_validation_epoch_start(self) -> None:
         self.val_residuals.reset()
 

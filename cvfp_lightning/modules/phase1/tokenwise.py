@@ -106,6 +106,7 @@ class Phase1Tokenwise(Phase1Base):
 
     def on_train_epoch_end(self) -> None:
         self.log("time/iteration_s", time.perf_counter() - self._iter_start)
+        super().on_train_epoch_end()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         if self.trainer.sanity_checking:
