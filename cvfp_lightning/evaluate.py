@@ -143,8 +143,12 @@ class Evaluation(NextTokenModule):
     def logits_targets(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
         if self.is_cvfp:
             previous = self._contexts.previous("test", batch["positions"], batch["is_start"]).to(self.device)
-            return self.model.step(previous, batch["ids"])[1], batch["targets"]  # (n, V), (n,)
+            return self.model.step(previous, batch["ids"], batch.get("history"))[1], batch["targets"]  # (n, V), (n,)
         return self.model(batch["input_ids"]), batch["targets"]  # (B, T, V), (B, T)
+
+    def data_request(self) -> dict:
+        """A CVFP model with a token history asks the position batches for it."""
+        return {**super().data_request(), "history": getattr(self.model, "token_history", 0) if self.is_cvfp else 0}
 
 
 def evaluation_data(model, files: list[Path], sample_by: str | None = None) -> EvaluationText:

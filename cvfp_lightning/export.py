@@ -110,7 +110,7 @@ def model_from_checkpoint(path: str | Path, tokenizer: str | None = None):
         p1, hp = module.phase1_hparams, module.hparams
         model = CVFPModel(vocab_size=int(p1["vocab_size"]), context=dict(p1["context"]),
                           embedding=dict(p1["embedding"]), weight_tying=bool(hp["weight_tying"]),
-                          train_embedding=not hp["freeze_embedding"])
+                          train_embedding=not hp["freeze_embedding"], token_history=int(hp.get("token_history", 0)))
         model.load_state_dict(module.lm.state_dict())
     else:
         module = _load_module(BaselineLM, path)
@@ -242,7 +242,10 @@ def model_card(model, ckpt: dict, module, ckpt_path: Path) -> str:
                      if ctx.get("updater") == "residual" else "") + ". "
                   "The context is carried token by token, `c_i = f(c_{i-1}, e_i)` from `c = 0`.",
                   f"- Token block: {model.token_block.num_layers} layers, "
-                  "`t_l = LN(t_{l-1} + ReLU(W [c_l; t_{l-1}] + b))`, `t_0 = e`.",
+                  "`t_l = LN(t_{l-1} + ReLU(W [c_l; t_{l-1}] + b))`, "
+                  + (f"`t_0 = LN(e + ReLU(W_0 [e; h_1..h_{model.token_history}] + b_0))` over the embeddings "
+                     f"`h_j` of the {model.token_history} ids before the position." if model.token_history
+                     else "`t_0 = e`."),
                   f"- Head: {'tied to the embedding matrix' if model.weight_tying else 'Linear(E, V), zero-initialised'}.",
                   f"- Parameters: {total:,} in all, {trained:,} trained in Phase 2."]
     else:

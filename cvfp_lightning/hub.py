@@ -116,15 +116,16 @@ class CVFPModel(CVFPLanguageModel, ExportMixin):
         weight_tying: the head is the embedding matrix.
         train_embedding: the embedding trained in Phase 2; the context block reads the frozen
             Phase 1 copy ``context_embedding``.
+        token_history: the ids before each position the token block reads (0: none).
     """
 
     kind = "cvfp"
 
     def __init__(self, vocab_size: int, context: dict, embedding: dict, weight_tying: bool = False,
-                 train_embedding: bool = False):
+                 train_embedding: bool = False, token_history: int = 0):
         emb = build_embedding(int(vocab_size), embedding, default_dim=int(context["context_dim"]), load_pretrained=False)
         super().__init__(emb, build_context_updater(context, emb.embed_dim), weight_tying=weight_tying,
-                         train_embedding=train_embedding)
+                         train_embedding=train_embedding, token_history=int(token_history))
 
 
 class BaselineModel(nn.Module, ExportMixin):

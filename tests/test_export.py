@@ -41,13 +41,16 @@ def _corpus(folder: Path, paragraphs: int = 24, chars: int = 700) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Checkpoints (as Lightning writes them, data module state included) of a few steps of training:
-    Phase 2 with a frozen zero-initialised head, Phase 2 with a tied head and a trained embedding, a GRU."""
+    Phase 2 with a frozen zero-initialised head, Phase 2 with a tied head and a trained embedding, the same
+    with a token history of 2 ids, a GRU."""
     root = tmp_path_factory.mktemp("export")
     corpus = _corpus(root)
     p1 = str(phase1_checkpoint(root / "p1" / "checkpoints" / "last.ckpt", V))
     makers = {"frozen": lambda: Phase2LM(vocab_size=V, phase1_checkpoint=p1, cache="off", lr=0.01),
               "tied": lambda: Phase2LM(vocab_size=V, phase1_checkpoint=p1, cache="off", weight_tying=True,
                                        freeze_embedding=False, lr=0.01),
+              "history": lambda: Phase2LM(vocab_size=V, phase1_checkpoint=p1, cache="off", weight_tying=True,
+                                          freeze_embedding=False, lr=0.01, token_history=2),
               "gru": lambda: BaselineLM(vocab_size=V, arch="gru", hidden_dim=16, lr=0.01)}
     out = {"corpus": corpus, "root": root}
     for name, make in makers.items():
@@ -61,7 +64,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def exports(runs) -> dict[str, Path]:
-    return {name: export_checkpoint(runs[name], runs["root"] / "exports" / name) for name in ("frozen", "tied", "gru")}
+    return {name: export_checkpoint(runs[name], runs["root"] / "exports" / name)
+            for name in ("frozen", "tied", "history", "gru")}
 
 
 # ---- self-contained checkpoints -------------------------------------------------------------------
@@ -107,17 +111,19 @@ def test_the_export_folder_is_a_hugging_face_folder(exports, runs):
     assert {oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {oct(0o666 & ~umask)}  # readable as shared
 
 
-@pytest.mark.parametrize("name", ["frozen", "tied"])
+@pytest.mark.parametrize("name", ["frozen", "tied", "history"])
 def test_exported_cvfp_model_gives_the_checkpoints_logits(exports, runs, name):
     reference = Phase2LM.load_from_checkpoint(runs[name], weights_only=True).lm.eval()
     model = CVFPModel.from_pretrained(exports[name])
     assert isinstance(model, CVFPModel) and not model.training
+    assert model.token_history == reference.token_history == (2 if name == "history" else 0)
     ids = torch.tensor([[5, 17, 200, 3, 999, 4095]])
-    c_ref = c_new = torch.zeros(1, 16)
+    s_ref, s_new = reference.start_state(1), model.start_state(1)
     for t in range(ids.shape[1]):
-        c_ref, logits_ref = reference.step(c_ref, ids[:, t])
-        c_new, logits_new = model.step(c_new, ids[:, t])
-        assert torch.equal(c_ref, c_new) and torch.equal(logits_ref, logits_new)
+        s_ref, logits_ref = reference.read(s_ref, ids[:, t:t + 1])
+        s_new, logits_new = model.read(s_new, ids[:, t:t + 1])
+        assert torch.equal(s_ref[0], s_new[0]) and torch.equal(logits_ref, logits_new)
+    assert s_new[1].tolist() == [[4095, 999][:model.token_history]]  # the last ids read, newest first
     assert logits_ref.abs().sum() > 0  # trained: not the zero-initialised head any more
     assert tokenizer_fingerprint(model.tokenizer) == tokenizer_fingerprint(load_tokenizer(None))
 
@@ -258,19 +264,23 @@ def test_generate_reads_prompts_from_stdin(exports, monkeypatch, capsys):
 # ---- evaluate ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def _by_hand_nll(model, seqs) -> tuple[float, int]:
-    """Summed next-token CE over every sequence, the context carried token by token from 0 (generation's step)."""
+    """Summed next-token CE over every sequence, the context (and the ids before) carried token by token from the
+    start (generation's read)."""
     total, count = 0.0, 0
     for s in range(seqs.num_sequences):
         ids = seqs.sequence(s)
-        context = torch.zeros(1, model.updater.context_dim)
+        state = model.start_state(1)
         for t in range(len(ids) - 1):
-            context, logits = model.step(context, ids[t:t + 1])
+            state, logits = model.read(state, ids[t:t + 1].reshape(1, 1))
             total += float(F.cross_entropy(logits, ids[t + 1:t + 2], reduction="sum"))
             count += 1
     return total, count
 
 
-def test_evaluate_scores_every_token_after_the_first_of_each_sequence(exports, runs, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["frozen", "history"])
+def test_evaluate_scores_every_token_after_the_first_of_each_sequence(exports, runs, tmp_path, capsys, name):
+    """Shuffled-free position batches (contexts of a sequential pass, the history from the data layer) score
+    exactly what reading each sequence token by token scores."""
     from cvfp_lightning.evaluate import evaluation_data
 
     text = tmp_path / "text.txt"
@@ -278,11 +288,11 @@ def test_evaluate_scores_every_token_after_the_first_of_each_sequence(exports, r
     text.write_text("\n\n".join(p[:300] for p in paragraphs), encoding="utf-8")
     out = tmp_path / "result.json"
     capsys.readouterr()
-    run_cli(["evaluate", str(exports["frozen"]), "--text", str(text), "--out", str(out), *QUIET,
+    run_cli(["evaluate", str(exports[name]), "--text", str(text), "--out", str(out), *QUIET,
              "--trainer.accelerator", "cpu"])
     result = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == result  # printed and written
-    model = load_exported(exports["frozen"])
+    model = load_exported(exports[name])
     dm = evaluation_data(model, [text])
     dm.setup()
     seqs = dm.val_sequences
@@ -296,7 +306,7 @@ def test_evaluate_scores_every_token_after_the_first_of_each_sequence(exports, r
     assert result["bpb"] == pytest.approx(nll / (math.log(2) * result["bytes"]), rel=1e-5)
     assert 0 <= result["acc"] <= 1 and result["arrangement"]["max_seq_len"] == 128
     # the checkpoint itself evaluates to the same numbers
-    run_cli(["evaluate", str(runs["frozen"]), "--text", str(text), "--out", str(tmp_path / "ckpt.json"), *QUIET,
+    run_cli(["evaluate", str(runs[name]), "--text", str(text), "--out", str(tmp_path / "ckpt.json"), *QUIET,
              "--trainer.accelerator", "cpu"])
     again = json.loads((tmp_path / "ckpt.json").read_text())
     assert {k: again[k] for k in ("loss", "ppl", "acc", "bpb", "tokens")} == \

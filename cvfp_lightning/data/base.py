@@ -171,18 +171,22 @@ class TokenDataModule(L.LightningDataModule):
         self.val_sequences: TokenSequences | None = None
         self.test_sequences: TokenSequences | None = None
         self.layout = "position_chunks"  # set by connect()
+        self.history = 0  # set by connect()
         self.prompts: list[str] = []
 
-    def connect(self, layout: str, prompts: list[str] | None = None) -> None:
+    def connect(self, layout: str, prompts: list[str] | None = None, history: int = 0) -> None:
         """The handshake with the module (litgpt's ``DataModule.connect``), from its ``setup``.
 
         Args:
             layout: the batch layout it trains and evaluates on (:data:`LAYOUTS`).
             prompts: the texts ``cvfp predict`` continues (the predict loader's items).
+            history: ids before each position that position batches carry (``"history" (n, K)``,
+                :meth:`~cvfp_lightning.data.sequences.TokenSequences.position_batch`); 0: none.
         """
         check(layout in LAYOUTS, f"data layout {layout!r} is unknown: expected one of {', '.join(LAYOUTS)}.")
         self.layout = layout
         self.prompts = list(prompts or [])
+        self.history = int(history)
 
     @property
     def tokenizer(self):
@@ -431,13 +435,13 @@ class TokenDataModule(L.LightningDataModule):
             return DataLoader(ShardChunks(seqs, self.chunk_size, rank, world), batch_size=None,
                               num_workers=self.num_workers)
         if layout == "position_chunks" or (layout == "positions" and not train):
-            return DataLoader(PositionChunks(seqs, self.chunk_size, world), batch_size=None, shuffle=False,
-                              num_workers=self.num_workers)
+            return DataLoader(PositionChunks(seqs, self.chunk_size, world, self.history), batch_size=None,
+                              shuffle=False, num_workers=self.num_workers)
         if layout == "positions":
             index = PositionIndex(seqs.num_tokens, pad_to_multiple=world)
             return DataLoader(index, batch_size=self.chunk_size,
                               sampler=shuffled_sampler(seqs.num_tokens, len(index), self.trainer),
-                              collate_fn=PositionCollate(seqs), num_workers=self.num_workers)
+                              collate_fn=PositionCollate(seqs, self.history), num_workers=self.num_workers)
         if layout == "windows":
             windows = Windows(seqs, self.seq_len, pad_to_multiple=world)
             return DataLoader(windows, batch_size=self.batch_size, num_workers=self.num_workers,

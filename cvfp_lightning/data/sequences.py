@@ -12,7 +12,9 @@ offsets (nothing of size N is precomputed):
 - position batches (Phase 1, Phase 2, from :class:`PositionChunks` or a shuffled
   position loader): ``positions (n,)`` flat indices, ``ids (n,)``, ``is_start (n,)`` (the
   position begins a sequence, so its input context is the initial one), ``targets (n,)``
-  the next id in the same sequence or -100 at a sequence's last position.
+  the next id in the same sequence or -100 at a sequence's last position; with a history of
+  K ids (Phase 2's ``token_history``) also ``history (n, K)``: the ids at positions - 1 .. - K,
+  -1 where that position lies before the sequence's start.
 - windows (baselines, repetition): ``input_ids (B, T)``, ``targets (B, T)`` (-100 pads).
 
 Memory per rank, N tokens in S sequences (W windows): ids 0 B/token of anonymous memory
@@ -123,11 +125,13 @@ class TokenSequences:
             yield self.token_ids[start:start + block].long()
 
     # ---- per batch ----------------------------------------------------------------------
-    def position_batch(self, positions) -> dict[str, Tensor]:
-        """``positions (n,)`` -> ``{"positions", "ids", "is_start", "targets"}``, each ``(n,)``.
+    def position_batch(self, positions, history: int = 0) -> dict[str, Tensor]:
+        """``positions (n,)`` -> ``{"positions", "ids", "is_start", "targets"}``, each ``(n,)``,
+        and with ``history`` K > 0 ``"history" (n, K)``.
 
         The sequence of each position comes from a binary search in the offsets; ``targets``
-        is the next id within the same sequence, -100 at a sequence's last position.
+        is the next id within the same sequence, -100 at a sequence's last position;
+        ``history[:, j]`` the id at ``positions - 1 - j`` in the same sequence, -1 before its start.
         """
         positions = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
         seq = torch.searchsorted(self.offsets, positions, right=True) - 1  # (n,)
@@ -136,7 +140,12 @@ class TokenSequences:
         ids = self.token_ids[positions].long()
         targets = torch.full_like(ids, IGNORE_INDEX)
         targets[has_next] = self.token_ids[nxt[has_next]].long()
-        return {"positions": positions, "ids": ids, "is_start": positions == self.offsets[seq], "targets": targets}
+        batch = {"positions": positions, "ids": ids, "is_start": positions == self.offsets[seq], "targets": targets}
+        if history > 0:
+            before = positions.unsqueeze(1) - torch.arange(1, history + 1)  # (n, K)
+            inside = before >= self.offsets[seq].unsqueeze(1)
+            batch["history"] = torch.where(inside, self.token_ids[before.clamp(min=0)].long(), -1)
+        return batch
 
     def is_start(self) -> Tensor:
         """``(N,)`` bool: True where a sequence begins (the whole split; batches use :meth:`position_batch`)."""
@@ -234,17 +243,18 @@ class PositionCollate:
 
     Positions ``>= N`` are padding (see :class:`PositionIndex`): they stand for position 0
     with target -100, so they predict nothing and add nothing to a loss or metric.
+    ``history``: ids before each position to include (:meth:`TokenSequences.position_batch`).
     """
 
-    def __init__(self, seqs: TokenSequences):
-        self.seqs = seqs
+    def __init__(self, seqs: TokenSequences, history: int = 0):
+        self.seqs, self.history = seqs, int(history)
 
     def __call__(self, positions) -> dict[str, Tensor]:
         positions = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
         pad = positions >= self.seqs.num_tokens
         if not pad.any():
-            return self.seqs.position_batch(positions)
-        batch = self.seqs.position_batch(positions.masked_fill(pad, 0))
+            return self.seqs.position_batch(positions, self.history)
+        batch = self.seqs.position_batch(positions.masked_fill(pad, 0), self.history)
         batch["targets"] = batch["targets"].masked_fill(pad, IGNORE_INDEX)
         return batch
 
@@ -258,8 +268,8 @@ class PositionChunks(Dataset):
     Holds nothing per token; an item is O(chunk_size).
     """
 
-    def __init__(self, seqs: TokenSequences, chunk_size: int, world_size: int = 1):
-        self.collate = PositionCollate(seqs)
+    def __init__(self, seqs: TokenSequences, chunk_size: int, world_size: int = 1, history: int = 0):
+        self.collate = PositionCollate(seqs, history)
         self.n = seqs.num_tokens
         self.chunk_size = int(chunk_size)
         real = -(-self.n // self.chunk_size)

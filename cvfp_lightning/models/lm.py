@@ -5,16 +5,19 @@ For position i of a sequence with ids ``x_0 .. x_{T-1}``:
     e_i                 = embedding(x_i)                                   (E,)
     c_i, [c_i1..c_iL]   = updater.update_context_one_step(c_{i-1}, e_i,
                                                           return_all_layers=True)   c_{-1} = 0
-    t_i                 = TokenBlock([c_i1 .. c_iL], e_i)                  (E,)
+    t_i                 = TokenBlock([c_i1 .. c_iL], e_i, [e_{i-1} .. e_{i-K}])   (E,)
     logits_i            = head(t_i)                                        (V,) -> predicts x_{i+1}
+
+The history ``e_{i-1} .. e_{i-K}`` (``token_history`` K, default 0: none) are the token
+embeddings of the K ids before position i in its sequence, 0 where it has fewer.
 
 The context block (the Phase 1 updater) is frozen, so the contexts of a fixed text never
 change during Phase 2: they are computed once (or read from the cache) and position
 batches can be shuffled. The head is a zero-initialised ``Linear(E, V)`` (first loss
 ``ln V``) or, with ``weight_tying``, shares its weight tensor with the embedding matrix.
 
-With ``dropout`` p > 0, training (``module.train()``) drops each entry of ``c_il``, ``e_i`` (as
-the token block reads it) and ``t_i`` (before the head) with probability p (``nn.Dropout``,
+With ``dropout`` p > 0, training (``module.train()``) drops each entry of ``c_il``, ``e_i`` and
+its history (as the token block reads them) and ``t_i`` (before the head) with probability p (``nn.Dropout``,
 kept ones scaled by 1 / (1 - p)); the contexts themselves and every evaluation are untouched.
 
 With ``train_embedding`` the embedding trains (and a tied head with it) while the context
@@ -46,10 +49,12 @@ class CVFPLanguageModel(nn.Module):
             trains only when the embedding does.
         train_embedding: train the embedding; the context block then reads a frozen copy.
         dropout: training-time dropout on the token block's inputs and output (0 disables).
+        token_history: K, the ids before each position whose embeddings the token block reads
+            (:class:`~cvfp_lightning.models.token.TokenBlock`); 0: none, the seed documents' model.
     """
 
     def __init__(self, embedding: TokenEmbedding, updater: ContextUpdater, weight_tying: bool = False,
-                 train_embedding: bool = False, dropout: float = 0.0):
+                 train_embedding: bool = False, dropout: float = 0.0, token_history: int = 0):
         super().__init__()
         check(0.0 <= dropout < 1.0, f"model.dropout={dropout!r} is invalid: expected a value in [0, 1).")
         check(updater.embed_dim == embedding.embed_dim,
@@ -62,7 +67,8 @@ class CVFPLanguageModel(nn.Module):
             self.context_embedding = copy.deepcopy(embedding).requires_grad_(False)
         self.embedding.embed.weight.requires_grad_(train_embedding)
         E, V = embedding.embed_dim, embedding.vocab_size
-        self.token_block = TokenBlock(updater.layer_dims, E)
+        self.token_block = TokenBlock(updater.layer_dims, E, token_history)
+        self.token_history = token_history
         self.drop = nn.Dropout(dropout)
         self.weight_tying = weight_tying
         if weight_tying:
@@ -89,26 +95,51 @@ class CVFPLanguageModel(nn.Module):
         """The embedding the context block reads: ``(...,) -> (..., E)``."""
         return self.context_modules()[0](ids)
 
-    def logits(self, context_layers: list[Tensor], token_embed: Tensor) -> Tensor:
-        """``[(..., d_l)] x L, (..., E) -> (..., V)``."""
+    def history_embeds(self, history: Tensor | None) -> Tensor | None:
+        """The token block's history input: ids ``(..., K)``, -1 for none -> ``(..., K, E)``, 0 where -1.
+
+        None without a history (K = 0); with one, ``history`` must hold K ids per position.
+        """
+        if not self.token_history:
+            return None
+        if history is None or history.shape[-1] != self.token_history:
+            raise ValueError(f"this model reads the {self.token_history} ids before each position: pass history "
+                             f"(..., {self.token_history}) (-1 where there is none), got "
+                             f"{None if history is None else tuple(history.shape)}.")
+        known = history >= 0
+        return self.embedding(history.clamp(min=0)) * known.unsqueeze(-1).to(self.embedding.weight.dtype)
+
+    def logits(self, context_layers: list[Tensor], token_embed: Tensor, history_embeds: Tensor | None = None) -> Tensor:
+        """``[(..., d_l)] x L, (..., E)``, history ``(..., K, E)`` when K > 0 ``-> (..., V)``."""
         if not (self.training and self.drop.p > 0):
-            return self.head(self.token_block(context_layers, token_embed))
-        tokens = self.token_block([self.drop(c) for c in context_layers], self.drop(token_embed))
+            return self.head(self.token_block(context_layers, token_embed, history_embeds))
+        dropped_history = None if history_embeds is None else self.drop(history_embeds)
+        tokens = self.token_block([self.drop(c) for c in context_layers], self.drop(token_embed), dropped_history)
         return self.head(self.drop(tokens))
 
-    def step(self, context: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Read one token: ``context (B, D), ids (B,) -> (new context (B, D), logits (B, V))``."""
+    def step(self, context: Tensor, ids: Tensor, history: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Read one token: ``context (B, D), ids (B,)`` and, with a history, the ids before them
+        ``history (B, K)`` (-1: none) ``-> (new context (B, D), logits (B, V))``."""
         new_context, layers = self.updater.update_context_one_step(context, self.context_embed(ids),
                                                                    return_all_layers=True)
-        return new_context, self.logits(layers, self.embedding(ids))
+        return new_context, self.logits(layers, self.embedding(ids), self.history_embeds(history))
 
-    def read(self, context: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """Read ``ids (B, t)`` token by token from ``context (B, D)`` with :meth:`step`:
-        ``-> (context after the last id (B, D), logits of the last id (B, V))``."""
+    def start_state(self, batch_size: int = 1) -> tuple[Tensor, Tensor]:
+        """What :meth:`read` carries at a sequence's start: ``(c = 0 (B, D), no ids before (B, K) = -1)``."""
+        device = self.embedding.weight.device
+        return (torch.zeros(batch_size, self.updater.context_dim, device=device),
+                torch.full((batch_size, self.token_history), -1, dtype=torch.long, device=device))
+
+    def read(self, state: tuple[Tensor, Tensor], ids: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        """Read ``ids (B, t)`` token by token with :meth:`step` from ``state = (context (B, D), the last
+        K ids read (B, K), newest first)`` (:meth:`start_state`) ``-> (state after the last id,
+        logits of the last id (B, V))``."""
+        context, recent = state
         logits = None
         for t in range(ids.shape[1]):
-            context, logits = self.step(context, ids[:, t])
-        return context, logits
+            context, logits = self.step(context, ids[:, t], recent if self.token_history else None)
+            recent = torch.cat([ids[:, t:t + 1].to(recent), recent], dim=1)[:, :self.token_history]
+        return (context, recent), logits
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -116,13 +147,13 @@ class CVFPLanguageModel(nn.Module):
                  seed: int | None = None) -> Tensor:
         """Continue ``prompt_ids (T,)`` by ``max_new_tokens`` ids, ``-> (max_new_tokens,)``.
 
-        The context is carried token by token with the update rule of training, from
-        ``c = 0`` through the prompt and then through every generated token (:meth:`read`);
+        The context (and the last K ids, with a history) is carried token by token with the
+        update rule of training, from ``c = 0`` through the prompt and then through every
+        generated token (:meth:`read`);
         the next id is chosen by :func:`cvfp_lightning.generation.decode` (``greedy``, or
         temperature / top-k / top-p sampling with ``generator`` or ``seed``).
         """
         device = self.embedding.weight.device
-        context = torch.zeros(1, self.updater.context_dim, device=device)
-        return decode(lambda c, ids: self.read(c, ids.to(device)), context, prompt_ids, max_new_tokens,
-                      greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        return decode(lambda state, ids: self.read(state, ids.to(device)), self.start_state(1), prompt_ids,
+                      max_new_tokens, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                       generator=generator)

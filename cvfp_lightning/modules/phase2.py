@@ -151,6 +151,9 @@ class Phase2LM(NextTokenModule):
         dropout: training-time dropout on the contexts and token embedding the token block reads and
             on its output before the head (:class:`~cvfp_lightning.models.lm.CVFPLanguageModel`);
             none in evaluation, so the exported model is the same function. 0 disables.
+        token_history: K, the ids before each position whose (trained) embeddings the token block
+            reads besides the contexts (:class:`~cvfp_lightning.models.token.TokenBlock`); the
+            position batches carry them (``history``). 0: the seed documents' token block.
         cache: ``auto`` | ``require`` | ``off`` (see :mod:`cvfp_lightning.context_cache`).
         cache_path: cache folder, read and (when stale or missing) rewritten. Default: read from
             ``context_cache/`` next to ``phase1_checkpoint`` (Phase 1's ``ContextCacheHandoff``); a fit
@@ -178,7 +181,7 @@ class Phase2LM(NextTokenModule):
                  seq_batch_size: int = 256, prompts: list[str] | str | None = None, prompt_file: str | None = None,
                  max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
                  greedy: bool = False, top_p: float | None = None, seed: int | None = 42,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, token_history: int = 0):
         super().__init__()
         check(cache in CACHE_MODES, f"model.cache={cache!r} is unknown: expected one of {', '.join(CACHE_MODES)}.")
         check_positive("model.lr", lr)
@@ -201,14 +204,14 @@ class Phase2LM(NextTokenModule):
             self._phase1_snapshot = find_data_snapshot(ckpt) or {}
         self.phase1_hparams = p1
         self.lm = CVFPLanguageModel(embedding, updater, weight_tying=weight_tying, train_embedding=not freeze_embedding,
-                                    dropout=dropout)
+                                    dropout=dropout, token_history=token_history)
         # built from a record, the block is freshly initialised until the checkpoint's weights are loaded
         # (on_load_checkpoint checks them against the recorded digest): the digest is the record's
         self.phase1_digest = (str(phase1.get("weights") or "") if phase1 is not None
                               else weights_digest(*self.lm.context_modules()))
         self.save_hyperparameters({"vocab_size": int(p1["vocab_size"]), "weight_tying": weight_tying,
                                    "freeze_embedding": freeze_embedding, "lr": lr, "grad_clip": grad_clip,
-                                   "dropout": dropout, "weight_decay": weight_decay})
+                                   "dropout": dropout, "weight_decay": weight_decay, "token_history": token_history})
         self._contexts = None  # context_cache.Contexts: final contexts by position
         self._test_split = "test"
         self._contexts_for: tuple | None = None
@@ -276,9 +279,10 @@ class Phase2LM(NextTokenModule):
         self._ensure_contexts()
 
     # ---- the model ---------------------------------------------------------------------------
-    def forward(self, context: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """One token: ``context (B, D), ids (B,) -> (new context (B, D), logits (B, V))``."""
-        return self.lm.step(context, ids)
+    def forward(self, context: Tensor, ids: Tensor, history: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One token: ``context (B, D), ids (B,)``, with a history the ids before ``(B, K)``
+        ``-> (new context (B, D), logits (B, V))``."""
+        return self.lm.step(context, ids, history)
 
     def logits_targets(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
         """The frozen block's per-layer outputs at each position, recomputed from the cached final
@@ -287,7 +291,7 @@ class Phase2LM(NextTokenModule):
             raise RuntimeError("Phase2LM: contexts were not prepared (on_fit_start / on_validation_start).")
         previous = self._contexts.previous(self._test_split if split == "test" else split, batch["positions"],
                                            batch["is_start"]).to(self.device)  # (n, D)
-        return self.lm.step(previous, batch["ids"])[1], batch["targets"]  # (n, V), (n,)
+        return self.lm.step(previous, batch["ids"], batch.get("history"))[1], batch["targets"]  # (n, V), (n,)
 
     def num_trainable_parameters(self) -> int:
         return self.lm.num_trainable_parameters()
@@ -345,7 +349,7 @@ class Phase2LM(NextTokenModule):
 
     # ---- generation ----------------------------------------------------------------------------
     def data_request(self) -> dict:
-        return {**super().data_request(), "prompts": self.prompts}
+        return {**super().data_request(), "prompts": self.prompts, "history": self.lm.token_history}
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """``{"prompt": str, "ids": (T,)} -> {"prompt", "ids": (max_new_tokens,) the generated ids}``."""

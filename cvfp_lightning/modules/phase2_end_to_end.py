@@ -61,9 +61,10 @@ class Phase2EndToEnd(Phase2LM):
 
     Args:
         vocab_size, phase1_checkpoint, phase1, weight_tying, freeze_embedding, seq_batch_size,
-            prompts, prompt_file, max_new_tokens, temperature, top_k, top_p, greedy, seed:
+            token_history, prompts, prompt_file, max_new_tokens, temperature, top_k, top_p, greedy, seed:
             as :class:`~cvfp_lightning.modules.phase2.Phase2LM` (``seq_batch_size``: sequences per
-            batch of the post-fit sequential pass).
+            batch of the post-fit sequential pass; the ``token_history`` ids before a window's first
+            positions are carried from the lane's previous window, as its context is).
         lr: Adam learning rate of the token block, the head (and the embedding when it trains).
         context_lr: Adam learning rate of the context block (the seed README: "small"); 0 keeps the
             block frozen (the same training by windows, for a like-for-like comparison with it frozen).
@@ -82,12 +83,14 @@ class Phase2EndToEnd(Phase2LM):
                  context_lr: float = 1e-4, grad_clip: float = 1.0, dropout: float = 0.0, seq_batch_size: int = 256,
                  prompts: list[str] | str | None = None, prompt_file: str | None = None, max_new_tokens: int = 50,
                  temperature: float = 1.0, top_k: int | None = None, greedy: bool = False,
-                 top_p: float | None = None, seed: int | None = 42, weight_decay: float = 0.0):
+                 top_p: float | None = None, seed: int | None = 42, weight_decay: float = 0.0,
+                 token_history: int = 0):
         check_positive("model.context_lr", context_lr, allow_zero=True)
         super().__init__(vocab_size, phase1_checkpoint, phase1, weight_tying, freeze_embedding, lr, grad_clip,
                          dropout=dropout, cache="off", seq_batch_size=seq_batch_size, prompts=prompts,
                          prompt_file=prompt_file, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_k=top_k, greedy=greedy, top_p=top_p, seed=seed, weight_decay=weight_decay)
+                         top_k=top_k, greedy=greedy, top_p=top_p, seed=seed, weight_decay=weight_decay,
+                         token_history=token_history)
         self.lm.updater.requires_grad_(context_lr > 0)
         self.save_hyperparameters({**self.hparams, "context_lr": context_lr})
         p1 = self.phase1_hparams
@@ -97,6 +100,7 @@ class Phase2EndToEnd(Phase2LM):
             self.phase1_digest = str(phase1.get("initial_weights") or "")
         self.context_status = NO_CACHE
         self._carry: dict[str, Tensor | None] = {}
+        self._carry_ids: dict[str, Tensor | None] = {}  # per split: each lane's last K ids, newest first
         self._report: dict = {}
 
     # ---- no cache: contexts are carried ----------------------------------------------------------
@@ -115,15 +119,15 @@ class Phase2EndToEnd(Phase2LM):
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
-        self._carry["train"] = None
+        self._carry["train"] = self._carry_ids["train"] = None
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
-        self._carry["val"] = None
+        self._carry["val"] = self._carry_ids["val"] = None
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
-        self._carry["test"] = None
+        self._carry["test"] = self._carry_ids["test"] = None
 
     # ---- the model -------------------------------------------------------------------------------
     def logits_targets(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
@@ -139,7 +143,24 @@ class Phase2EndToEnd(Phase2LM):
         embedded = self.lm.drop(self.lm.context_embed(ids))  # (B, T, E): the model's dropout, training only
         contexts, layers = unroll(self.lm.updater, embedded, c0, return_all_layers=True)
         self._carry[split] = contexts[:, -1].detach()  # (B, D): truncated BPTT, no gradient into the past
-        return self.lm.logits(layers, self.lm.embedding(ids)), batch["targets"]  # (B, T, V), (B, T)
+        history = self._window_history(split, ids, continues)
+        return (self.lm.logits(layers, self.lm.embedding(ids), self.lm.history_embeds(history)),  # (B, T, V)
+                batch["targets"])  # (B, T)
+
+    def _window_history(self, split: str, ids: Tensor, continues: Tensor) -> Tensor | None:
+        """``history (B, T, K)`` of a window, newest first: ``[:, t, j]`` is the id j + 1 before position t,
+        from the lane's previous window where the window continues it, -1 before a sequence's start."""
+        K = self.lm.token_history
+        if not K:
+            return None
+        B, T = ids.shape
+        before = ids.new_full((B, K), -1)
+        carried = self._carry_ids.get(split)
+        if carried is not None and carried.shape[0] == B:
+            before = torch.where(continues.unsqueeze(-1), carried, before)
+        run = torch.cat([before.flip(1), ids], dim=1)  # (B, K + T), oldest first
+        self._carry_ids[split] = run[:, -K:].flip(1)
+        return run.unfold(1, K, 1)[:, :T].flip(-1)  # [:, t] = run[:, t .. t + K - 1] = ids t - K .. t - 1
 
     def configure_optimizers(self):
         """Adam (AdamW with ``weight_decay``) with two parameter groups: the context block at

@@ -46,6 +46,66 @@ def test_token_block_shapes_and_formula():
         block(contexts[:2], e)
 
 
+def test_token_block_history_formula_and_shapes():
+    """t_0 = LN(e + ReLU(W_0 [e; h_1; h_2] + b_0)), then the context layers."""
+    block = TokenBlock([12, 10], embed_dim=6, history=2)
+    contexts = [torch.randn(4, 5, d) for d in (12, 10)]
+    e, h = torch.randn(4, 5, 6), torch.randn(4, 5, 2, 6)
+    w0 = torch.cat([block.history_linear.state.weight, block.history_linear.input.weight], dim=1)  # over [e; h_1; h_2]
+    t = F.layer_norm(e + F.relu(F.linear(torch.cat([e, h[..., 0, :], h[..., 1, :]], -1), w0,
+                                         block.history_linear.input.bias)), (6,), block.history_norm.weight,
+                     block.history_norm.bias)
+    for c, lin, norm in zip(contexts, block.linears, block.norms):
+        w = torch.cat([lin.input.weight, lin.state.weight], dim=1)
+        t = F.layer_norm(t + F.relu(F.linear(torch.cat([c, t], -1), w, lin.input.bias)), (6,), norm.weight, norm.bias)
+    torch.testing.assert_close(block(contexts, e, h), t)
+    for bad in (None, h[..., :1, :]):  # a history block needs its K embeddings
+        with pytest.raises(ValueError, match="history of 2 embeddings"):
+            block(contexts, e, bad)
+    assert TokenBlock([12, 10], 6).history_linear is None  # K = 0: the seed's block, no extra parameters
+
+
+def test_position_batches_carry_the_ids_before_each_position():
+    from cvfp_lightning.data import PositionCollate, TokenSequences
+
+    seqs = TokenSequences.from_lists([[5, 6, 7, 8], [9, 10]])
+    batch = seqs.position_batch(torch.tensor([3, 0, 5, 1, 4, 2]), history=2)
+    assert batch["history"].tolist() == [[7, 6], [-1, -1], [9, -1], [5, -1], [-1, -1], [6, 5]]  # newest first
+    assert batch["ids"].tolist() == [8, 5, 10, 6, 9, 7] and batch["targets"].tolist() == [-100, 6, -100, 7, 10, 8]
+    assert "history" not in seqs.position_batch(torch.tensor([1]))
+    padded = PositionCollate(seqs, history=3)(torch.tensor([2, 6]))  # 6 >= N: padding, no target
+    assert padded["history"].tolist() == [[6, 5, -1], [-1, -1, -1]] and padded["targets"].tolist() == [8, -100]
+
+
+def test_the_history_reaches_the_logits_and_reading_equals_position_batches():
+    """The history path changes the prediction, and the token-by-token read (generation) gives the logits
+    of position batches (training, evaluation) built from the same sequence."""
+    from cvfp_lightning.data import TokenSequences
+    from cvfp_lightning.models.context import unroll
+
+    torch.manual_seed(0)
+    emb = build_embedding(50, {"embed_dim": 8}, default_dim=8)
+    upd = build_context_updater({"context_dim": 8, "num_layers": 2}, 8)
+    lm = CVFPLanguageModel(emb, upd, weight_tying=True, train_embedding=True, token_history=2).eval()
+    ids = torch.tensor([3, 14, 15, 9, 2, 6])
+    seqs = TokenSequences.from_lists([ids])
+    batch = seqs.position_batch(torch.arange(6), history=2)
+    contexts = unroll(upd, lm.context_embed(ids.unsqueeze(0)))[0]  # (6, D)
+    previous = torch.cat([torch.zeros(1, 8), contexts[:-1]])
+    batched = lm.step(previous, batch["ids"], batch["history"])[1]  # (6, V)
+    state, read = lm.start_state(1), []
+    for t in range(6):
+        state, logits = lm.read(state, ids[t:t + 1].reshape(1, 1))
+        read.append(logits[0])
+    torch.testing.assert_close(batched, torch.stack(read))
+    other = batch["history"].clone()
+    other[3, 1] = 40  # another id two before position 3: its logits change, no other position's
+    changed = lm.step(previous, batch["ids"], other)[1]
+    assert not torch.allclose(changed[3], batched[3]) and torch.equal(changed[[0, 1, 2, 4, 5]], batched[[0, 1, 2, 4, 5]])
+    with pytest.raises(ValueError, match="reads the 2 ids before each position"):
+        lm.step(previous, batch["ids"])
+
+
 def test_token_block_follows_the_context_layer_widths():
     lm = small_lm(dim=8, layers=3, all_layers=False)  # widths shrink 16 -> ... -> 8
     assert lm.token_block.context_dims == lm.updater.layer_dims
@@ -145,7 +205,7 @@ def test_phase2_loads_and_freezes_the_phase1_weights(tmp_path):
     assert not model.lm.embedding.weight.requires_grad
     assert model.lm.token_block.context_dims == [16, 16]
     assert set(model.hparams) == {"vocab_size", "weight_tying", "freeze_embedding", "lr", "grad_clip", "dropout",
-                                  "weight_decay"}
+                                  "weight_decay", "token_history"}
     assert type(model.configure_optimizers()) is torch.optim.Adam  # weight_decay 0: plain Adam
 
 
@@ -229,6 +289,8 @@ def _bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
     ("cache-mode", {"cache": "sometimes"}, "model.cache='sometimes' is unknown"),
     ("dropout", {"dropout": 1.0}, "model.dropout=1.0 is invalid"),
     ("weight-decay", {"weight_decay": -0.1}, "model.weight_decay=-0.1 is invalid"),
+    ("history-negative", {"token_history": -1}, "model.token_history=-1 is invalid"),
+    ("history-bool", {"token_history": True}, "model.token_history=True is invalid"),
 ])
 def test_bad_phase2_model_arguments_are_one_clear_error(tmp_path, case, kwargs, message):
     paths = {k: str(v) for k, v in _bad_checkpoints(tmp_path).items()}

@@ -86,6 +86,31 @@ def test_tbptt_carries_the_context_between_windows_and_detaches_it(tmp_path):
     assert not model._carry["train"].requires_grad
 
 
+def test_the_token_history_is_carried_between_windows_like_the_context(tmp_path):
+    """With token_history 4 > T / 2, a continued window reads the ids of the window before (as reading the
+    sequence token by token does); a restarted one reads none (-1) before its first id."""
+    torch.manual_seed(1)
+    model = Phase2EndToEnd(vocab_size=V, phase1_checkpoint=str(phase1_checkpoint(tmp_path / "last.ckpt", V)),
+                           weight_tying=True, freeze_embedding=False, token_history=4).eval()
+    lm = model.lm
+    ids = torch.randint(1, V, (2, 3 * T + 1))
+    with torch.no_grad():
+        model.logits_targets(windows(ids, 0, [False, False]), "val")
+        model.logits_targets(windows(ids, 1, [True, True]), "val")
+        logits, _ = model.logits_targets(windows(ids, 2, [True, False]), "val")  # row 1 restarts at window 2
+
+        def read(row: torch.Tensor) -> torch.Tensor:
+            state, out = lm.start_state(1), []
+            for t in range(row.numel()):
+                state, step_logits = lm.read(state, row[t].reshape(1, 1))
+                out.append(step_logits[0])
+            return torch.stack(out)
+
+        torch.testing.assert_close(logits[0], read(ids[0, :3 * T])[2 * T:])  # carried over two windows
+        torch.testing.assert_close(logits[1], read(ids[1, 2 * T:3 * T]))  # restarted: context 0, no ids before
+    assert model._carry_ids["val"].tolist()[0] == ids[0, 3 * T - 4:3 * T].flip(0).tolist()
+
+
 def test_two_learning_rates_and_no_context_cache(tmp_path, corpus, monkeypatch, caplog):
     import cvfp_lightning.modules.phase2 as phase2
 
