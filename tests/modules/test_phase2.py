@@ -313,6 +313,9 @@ def test_a_phase2_checkpoint_of_another_shape_is_refused(tmp_path):
     tied = Phase2LM(vocab_size=V, phase1_checkpoint=str(tmp_path / "a.ckpt"), weight_tying=True)
     with pytest.raises(CVFPUserError, match="missing"):
         small.on_load_checkpoint({"state_dict": {k: v for k, v in tied.state_dict().items() if "head" not in k}})
+    history = Phase2LM(vocab_size=V, phase1_checkpoint=str(tmp_path / "a.ckpt"), token_history=2)
+    with pytest.raises(CVFPUserError, match=r"token_history\): unexpected \['lm.token_block.history_linear"):
+        small.on_load_checkpoint({"state_dict": history.state_dict()})
 
 
 # ---- end to end through the CLI -------------------------------------------------------------------
