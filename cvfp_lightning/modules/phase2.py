@@ -344,8 +344,9 @@ class Phase2LM(NextTokenModule):
             detail = "; ".join(shapes[:4] + [f"missing {missing[:4]}"] * bool(missing)
                                + [f"unexpected {unexpected[:4]}"] * bool(unexpected))
             raise CVFPUserError(f"the checkpoint does not fit this Phase 2 model built from {str(self.phase1_path)!r} "
-                                f"(a Phase 1 model of another shape, or other weight_tying/freeze_embedding/token_history): {detail}. "
-                                "Use the phase1_checkpoint and settings of the run that wrote it.")
+                                "(a Phase 1 model of another shape, or other weight_tying/freeze_embedding/"
+                                f"token_history): {detail}. Use the phase1_checkpoint and settings of the run that "
+                                "wrote it.")
 
     # ---- generation ----------------------------------------------------------------------------
     def data_request(self) -> dict:

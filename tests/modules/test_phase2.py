@@ -101,7 +101,8 @@ def test_the_history_reaches_the_logits_and_reading_equals_position_batches():
     other = batch["history"].clone()
     other[3, 1] = 40  # another id two before position 3: its logits change, no other position's
     changed = lm.step(previous, batch["ids"], other)[1]
-    assert not torch.allclose(changed[3], batched[3]) and torch.equal(changed[[0, 1, 2, 4, 5]], batched[[0, 1, 2, 4, 5]])
+    others = [0, 1, 2, 4, 5]
+    assert not torch.allclose(changed[3], batched[3]) and torch.equal(changed[others], batched[others])
     with pytest.raises(ValueError, match="reads the 2 ids before each position"):
         lm.step(previous, batch["ids"])
 
