@@ -124,6 +124,8 @@ def test_exported_cvfp_model_gives_the_checkpoints_logits(exports, runs, name):
         s_new, logits_new = model.read(s_new, ids[:, t:t + 1])
         assert torch.equal(s_ref[0], s_new[0]) and torch.equal(logits_ref, logits_new)
     assert s_new[1].tolist() == [[4095, 999][:model.token_history]]  # the last ids read, newest first
+    card = (exports[name] / "README.md").read_text()
+    assert ("h_1..h_2] + b_0))` over the embeddings `h_j` of the 2 ids before" in card) == (name == "history")
     assert logits_ref.abs().sum() > 0  # trained: not the zero-initialised head any more
     assert tokenizer_fingerprint(model.tokenizer) == tokenizer_fingerprint(load_tokenizer(None))
 
@@ -279,7 +281,7 @@ def _by_hand_nll(model, seqs) -> tuple[float, int]:
 
 @pytest.mark.parametrize("name", ["frozen", "history"])
 def test_evaluate_scores_every_token_after_the_first_of_each_sequence(exports, runs, tmp_path, capsys, name):
-    """Shuffled-free position batches (contexts of a sequential pass, the history from the data layer) score
+    """Position batches in order (contexts of a sequential pass, the ids before from the data layer) score
     exactly what reading each sequence token by token scores."""
     from cvfp_lightning.evaluate import evaluation_data
 
