@@ -60,8 +60,7 @@ def main() -> None:
                 name = f"history{k}_{'contexts' if contexts else 'no_contexts'}"
                 extra = ["--model.init_args.phase1_checkpoint", phase1["best"], "--model.init_args.token_history", str(k)]
                 if not contexts:
-                    extra = ["--model.class_path", f"{__name__ if __name__ != '__main__' else 'phase2_readout'}"
-                             ".WithoutContexts", *extra]
+                    extra = ["--model.class_path", "phase2_readout.WithoutContexts", *extra]  # this file's class
                 run = quality.fit_run(name, quality.CONFIGS / "text_phase2.yaml", data + extra, work / "logs")
                 s = run["summary"]
                 rows[name] = {"token_history": k, "contexts": contexts, "val_bpb": s.get("val/bpb"),

@@ -148,7 +148,7 @@ class Evaluation(NextTokenModule):
 
     def data_request(self) -> dict:
         """A CVFP model with a token history asks the position batches for it."""
-        return {**super().data_request(), "history": getattr(self.model, "token_history", 0) if self.is_cvfp else 0}
+        return {**super().data_request(), "history": self.model.token_history if self.is_cvfp else 0}
 
 
 def evaluation_data(model, files: list[Path], sample_by: str | None = None) -> EvaluationText:

@@ -20,7 +20,8 @@ offsets (nothing of size N is precomputed):
 Memory per rank, N tokens in S sequences (W windows): ids 0 B/token of anonymous memory
 when memory-mapped (2 or 4 B/token of page cache once read), offsets 8 B per sequence,
 :class:`Windows` 16 B per window, :class:`EpochShuffleSampler` 4 B/token during an epoch
-(its permutation); a batch of n positions is O(n).
+(its permutation); a batch of n positions is O(n) (with a history of K ids, 8 K B more per
+position of the batch, nothing per token of the split).
 """
 
 from __future__ import annotations
