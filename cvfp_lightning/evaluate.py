@@ -14,6 +14,10 @@ sequence is scored, i.e. every token after the first of each sequence:
 - CVFP: the final contexts are carried over each sequence from ``c = 0`` (one sequential
   pass, as Phase 2's contexts), then for chunks of ``chunk_size`` positions the logits of
   ``lm.step(c_{i-1}, id_i)`` (the per-layer outputs recomputed, as in Phase 2 training);
+  a model exported with a continuous cache (:mod:`cvfp_lightning.models.continuous_cache`)
+  scores its mixture, the memory being the ``size`` positions before each one in the files'
+  order (``--continuous_cache.size / .theta / .weight`` override the exported settings;
+  ``--continuous_cache.weight 0`` scores the model alone);
 - baselines: windows of ``seq_len`` ids with the state restarting in every window, as in
   their validation.
 
@@ -51,6 +55,7 @@ from cvfp_lightning.data.text import TextDataModule
 from cvfp_lightning.errors import CVFPUserError, check
 from cvfp_lightning.hub import CVFPModel
 from cvfp_lightning.io import check_output_file, read_text_upto, write_output
+from cvfp_lightning.models.continuous_cache import ContinuousCache
 from cvfp_lightning.modules.lm_base import NextTokenModule
 
 DEFAULT_OUT = "evaluation.json"
@@ -143,7 +148,13 @@ class Evaluation(NextTokenModule):
     def logits_targets(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
         if self.is_cvfp:
             previous = self._contexts.previous("test", batch["positions"], batch["is_start"]).to(self.device)
-            return self.model.step(previous, batch["ids"], batch.get("history"))[1], batch["targets"]  # (n, V), (n,)
+            seqs = self.trainer.datamodule.val_sequences
+
+            def rows(positions: Tensor) -> tuple[dict[str, Tensor], Tensor]:  # the continuous cache's memory
+                span = seqs.position_batch(positions, self.model.token_history)
+                return span, self._contexts.previous("test", span["positions"], span["is_start"])
+
+            return self.model.score_positions(batch, previous, rows), batch["targets"]  # (n, V), (n,)
         return self.model(batch["input_ids"]), batch["targets"]  # (B, T, V), (B, T)
 
     def data_request(self) -> dict:
@@ -163,6 +174,16 @@ def evaluation_data(model, files: list[Path], sample_by: str | None = None) -> E
     return EvaluationText(model.tokenizer, paths=[str(f) for f in files], **options)
 
 
+def override_cache(model, size: int | None = None, theta: float | None = None, weight: float | None = None) -> None:
+    """Replace the continuous cache settings of a CVFP ``model`` where given (None: keep the model's)."""
+    given = {k: v for k, v in {"size": size, "theta": theta, "weight": weight}.items() if v is not None}
+    if not given:
+        return
+    check(isinstance(model, CVFPModel), "--continuous_cache.* is for CVFP models; this one is a baseline.")
+    current = model.continuous_cache.to_dict() if model.continuous_cache is not None else {}
+    model.continuous_cache = ContinuousCache.coerce({**current, **given})
+
+
 def evaluate(model, files: list[Path], trainer, sample_by: str | None = None, seq_batch_size: int = 256) -> dict:
     """Score ``files`` with ``model`` on ``trainer`` (``Trainer.test``); the result record (see the module docstring)."""
     dm = evaluation_data(model, files, sample_by)
@@ -177,6 +198,8 @@ def evaluate(model, files: list[Path], trainer, sample_by: str | None = None, se
                 "add_eos": dm.add_eos, **({"seq_len": dm.seq_len} if not isinstance(model, CVFPModel) else {})},
             "sequences": seqs.num_sequences, "positions": seqs.num_tokens, "tokens": int(metrics.pop("tokens", 0)),
             "bytes": int(seqs.num_bytes), **{k: metrics.get(k) for k in ("loss", "ppl", "acc", "bpb")},
+            "continuous_cache": (model.continuous_cache.to_dict() if getattr(model, "continuous_cache", None) is not None
+                                 else None),
             "devices": int(trainer.world_size), "seconds": round(seconds, 3)}
 
 
@@ -195,6 +218,10 @@ def build_parser():
     parser.add_argument("--sample_by", type=Optional[Literal["paragraph", "line", "document"]], default=None,
                         help="how files split into samples; default: as in training")
     parser.add_argument("--seq_batch_size", type=int, default=256, help="sequences per batch of the context pass")
+    for name, kind, what in (("size", int, "positions in the memory"), ("theta", float, "sharpness of its attention"),
+                             ("weight", float, "its share of the mixture (0: the model alone)")):
+        parser.add_argument(f"--continuous_cache.{name}", type=Optional[kind], default=None,
+                            help=f"CVFP: the continuous cache's {what}; default: as exported")
     parser.add_lightning_class_args(L.Trainer, "trainer")
     parser.set_defaults({"trainer.logger": False, "trainer.enable_checkpointing": False,
                          "trainer.enable_model_summary": False})
@@ -213,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     check(cfg.seq_batch_size > 0, f"--seq_batch_size={cfg.seq_batch_size!r} is invalid: expected a positive integer.")
     check_output_file(cfg.out, "--out", is_evaluation, EARLIER)  # before the scoring, so that no work is lost
     model = load_model(cfg.model, cfg.tokenizer)
+    override_cache(model, **cfg.continuous_cache.as_dict())
     trainer = L.Trainer(**parser.instantiate_classes(cfg).trainer)
     record = {"model": str(cfg.model), **evaluate(model, files, trainer, cfg.sample_by, cfg.seq_batch_size)}
     if trainer.is_global_zero:

@@ -92,6 +92,16 @@ def _load_module(cls, path: Path):
                             "was edited; export the checkpoint its fit run wrote.") from exc
 
 
+def continuous_cache_line(cache) -> str:
+    """The model card's line on the continuous cache (:mod:`cvfp_lightning.models.continuous_cache`)."""
+    if cache is None:
+        return "- Continuous cache: none; text is scored with `softmax(head(t_L))`."
+    return (f"- Continuous cache (Grave et al., 2017): text is scored and generated with "
+            f"`p = {1 - cache.weight:g} softmax(head(t_i)) + {cache.weight:g} p_cache`, where `p_cache` puts "
+            f"`softmax_j({cache.theta:g} cos(t_i, t_j))` on the id after each of the last {cache.size} positions `j` "
+            "read; `cvfp evaluate --continuous_cache.weight 0` scores the model alone.")
+
+
 def model_from_checkpoint(path: str | Path, tokenizer: str | None = None):
     """``(model, checkpoint dict, LightningModule)``: the exported class with the checkpoint's weights.
 
@@ -110,7 +120,8 @@ def model_from_checkpoint(path: str | Path, tokenizer: str | None = None):
         p1, hp = module.phase1_hparams, module.hparams
         model = CVFPModel(vocab_size=int(p1["vocab_size"]), context=dict(p1["context"]),
                           embedding=dict(p1["embedding"]), weight_tying=bool(hp["weight_tying"]),
-                          train_embedding=not hp["freeze_embedding"], token_history=int(hp.get("token_history", 0)))
+                          train_embedding=not hp["freeze_embedding"], token_history=int(hp.get("token_history", 0)),
+                          continuous_cache=hp.get("continuous_cache"))
         model.load_state_dict(module.lm.state_dict())
     else:
         module = _load_module(BaselineLM, path)
@@ -247,6 +258,7 @@ def model_card(model, ckpt: dict, module, ckpt_path: Path) -> str:
                      f"`h_j` of the {model.token_history} ids before the position." if model.token_history
                      else "`t_0 = e`."),
                   f"- Head: {'tied to the embedding matrix' if model.weight_tying else 'Linear(E, V), zero-initialised'}.",
+                  continuous_cache_line(model.continuous_cache),
                   f"- Parameters: {total:,} in all, {trained:,} trained in Phase 2."]
     else:
         hp = module.hparams

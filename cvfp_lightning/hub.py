@@ -117,15 +117,18 @@ class CVFPModel(CVFPLanguageModel, ExportMixin):
         train_embedding: the embedding trained in Phase 2; the context block reads the frozen
             Phase 1 copy ``context_embedding``.
         token_history: the ids before each position the token block reads (0: none).
+        continuous_cache: ``{size, theta, weight}`` of the continuous cache that scoring and
+            generation read text with (:mod:`cvfp_lightning.models.continuous_cache`); None: none.
     """
 
     kind = "cvfp"
 
     def __init__(self, vocab_size: int, context: dict, embedding: dict, weight_tying: bool = False,
-                 train_embedding: bool = False, token_history: int = 0):
+                 train_embedding: bool = False, token_history: int = 0, continuous_cache: dict | None = None):
         emb = build_embedding(int(vocab_size), embedding, default_dim=int(context["context_dim"]), load_pretrained=False)
         super().__init__(emb, build_context_updater(context, emb.embed_dim), weight_tying=weight_tying,
-                         train_embedding=train_embedding, token_history=int(token_history))
+                         train_embedding=train_embedding, token_history=int(token_history),
+                         continuous_cache=continuous_cache)
 
 
 class BaselineModel(nn.Module, ExportMixin):

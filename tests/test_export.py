@@ -42,7 +42,7 @@ def _corpus(folder: Path, paragraphs: int = 24, chars: int = 700) -> Path:
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Checkpoints (as Lightning writes them, data module state included) of a few steps of training:
     Phase 2 with a frozen zero-initialised head, Phase 2 with a tied head and a trained embedding, the same
-    with a token history of 2 ids, a GRU."""
+    with a token history of 2 ids and a continuous cache of 64 positions, a GRU."""
     root = tmp_path_factory.mktemp("export")
     corpus = _corpus(root)
     p1 = str(phase1_checkpoint(root / "p1" / "checkpoints" / "last.ckpt", V))
@@ -50,7 +50,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
               "tied": lambda: Phase2LM(vocab_size=V, phase1_checkpoint=p1, cache="off", weight_tying=True,
                                        freeze_embedding=False, lr=0.01),
               "history": lambda: Phase2LM(vocab_size=V, phase1_checkpoint=p1, cache="off", weight_tying=True,
-                                          freeze_embedding=False, lr=0.01, token_history=2),
+                                          freeze_embedding=False, lr=0.01, token_history=2,
+                                          continuous_cache={"size": 64, "theta": 5.0, "weight": 0.3}),
               "gru": lambda: BaselineLM(vocab_size=V, arch="gru", hidden_dim=16, lr=0.01)}
     out = {"corpus": corpus, "root": root}
     for name, make in makers.items():
@@ -117,6 +118,9 @@ def test_exported_cvfp_model_gives_the_checkpoints_logits(exports, runs, name):
     model = CVFPModel.from_pretrained(exports[name])
     assert isinstance(model, CVFPModel) and not model.training
     assert model.token_history == reference.token_history == (2 if name == "history" else 0)
+    cache = model.continuous_cache
+    assert cache == reference.continuous_cache and (cache.to_dict() if cache else None) == \
+        ({"size": 64, "theta": 5.0, "weight": 0.3} if name == "history" else None)
     ids = torch.tensor([[5, 17, 200, 3, 999, 4095]])
     s_ref, s_new = reference.start_state(1), model.start_state(1)
     for t in range(ids.shape[1]):
@@ -126,6 +130,8 @@ def test_exported_cvfp_model_gives_the_checkpoints_logits(exports, runs, name):
     assert s_new[1].tolist() == [[4095, 999][:model.token_history]]  # the last ids read, newest first
     card = (exports[name] / "README.md").read_text()
     assert ("h_1..h_2] + b_0))` over the embeddings `h_j` of the 2 ids before" in card) == (name == "history")
+    assert ("`p = 0.7 softmax(head(t_i)) + 0.3 p_cache`, where `p_cache` puts `softmax_j(5 cos(t_i, t_j))` on the id "
+            "after each of the last 64 positions" in card) == (name == "history")
     assert logits_ref.abs().sum() > 0  # trained: not the zero-initialised head any more
     assert tokenizer_fingerprint(model.tokenizer) == tokenizer_fingerprint(load_tokenizer(None))
 
@@ -267,15 +273,18 @@ def test_generate_reads_prompts_from_stdin(exports, monkeypatch, capsys):
 @torch.no_grad()
 def _by_hand_nll(model, seqs) -> tuple[float, int]:
     """Summed next-token CE over every sequence, the context (and the ids before) carried token by token from the
-    start (generation's read)."""
+    start (generation's read); a continuous cache's memory carried from sequence to sequence (every position read,
+    the last of a sequence too: it has no next id to score, but it is in the memory's window)."""
     total, count = 0.0, 0
+    state = model.start_state(1)
     for s in range(seqs.num_sequences):
         ids = seqs.sequence(s)
-        state = model.start_state(1)
-        for t in range(len(ids) - 1):
+        state = model.next_sequence(state)
+        for t in range(len(ids)):
             state, logits = model.read(state, ids[t:t + 1].reshape(1, 1))
-            total += float(F.cross_entropy(logits, ids[t + 1:t + 2], reduction="sum"))
-            count += 1
+            if t + 1 < len(ids):
+                total += float(F.cross_entropy(logits, ids[t + 1:t + 2], reduction="sum"))
+                count += 1
     return total, count
 
 
@@ -313,6 +322,27 @@ def test_evaluate_scores_every_token_after_the_first_of_each_sequence(exports, r
     again = json.loads((tmp_path / "ckpt.json").read_text())
     assert {k: again[k] for k in ("loss", "ppl", "acc", "bpb", "tokens")} == \
         {k: result[k] for k in ("loss", "ppl", "acc", "bpb", "tokens")}
+    assert result["continuous_cache"] == ({"size": 64, "theta": 5.0, "weight": 0.3} if name == "history" else None)
+    if name == "history":  # --continuous_cache.weight 0: the model alone, as read without a cache
+        run_cli(["evaluate", str(exports[name]), "--text", str(text), "--out", str(tmp_path / "alone.json"), *QUIET,
+                 "--trainer.accelerator", "cpu", "--continuous_cache.weight", "0"])
+        alone = json.loads((tmp_path / "alone.json").read_text())
+        model.continuous_cache = None
+        nll_alone, _ = _by_hand_nll(model, seqs)
+        assert alone["loss"] == pytest.approx(nll_alone / count, rel=1e-5) and alone["tokens"] == count
+        assert alone["continuous_cache"]["weight"] == 0.0 and alone["loss"] != pytest.approx(result["loss"], rel=1e-3)
+
+
+def test_validation_scores_with_the_continuous_cache_over_the_split_in_order(runs):
+    """Phase 2's val/* of a model with a cache are the split read in order, the memory crossing chunks of
+    positions and sequences: equal to reading it token by token."""
+    module = Phase2LM.load_from_checkpoint(runs["history"], weights_only=True)
+    data = text_data(runs["corpus"], chunk_size=32, seq_len=64)  # many chunks, each shorter than the memory
+    metrics = trainer(default_root_dir=runs["root"]).validate(module, data, verbose=False)[0]
+    nll, count = _by_hand_nll(module.lm.eval(), data.val_sequences)
+    assert metrics["val/tokens"] == count > 64
+    assert metrics["val/loss"] == pytest.approx(nll / count, rel=1e-5)
+    assert metrics["val/bpb"] == pytest.approx(nll / (math.log(2) * data.val_sequences.num_bytes), rel=1e-5)
 
 
 # ---- bad input ------------------------------------------------------------------------------------------

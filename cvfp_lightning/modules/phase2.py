@@ -53,6 +53,7 @@ from cvfp_lightning.errors import CVFPUserError, check, check_positive
 from cvfp_lightning.generation import check_sampling
 from cvfp_lightning.io import safe_torch_load
 from cvfp_lightning.models.context import build_context_updater
+from cvfp_lightning.models.continuous_cache import ContinuousCache
 from cvfp_lightning.models.embedding import build_embedding
 from cvfp_lightning.models.legacy import upgrade_legacy_state_dict
 from cvfp_lightning.models.lm import CVFPLanguageModel
@@ -154,6 +155,11 @@ class Phase2LM(NextTokenModule):
         token_history: K, the ids before each position whose (trained) embeddings the token block
             reads besides the contexts (:class:`~cvfp_lightning.models.token.TokenBlock`); the
             position batches carry them (``history``). 0: the seed documents' token block.
+        continuous_cache: ``{size, theta, weight}`` of a continuous cache
+            (:mod:`cvfp_lightning.models.continuous_cache`): validation and test score each split's
+            text with it (the memory of the last ``size`` positions before each one, in the split's
+            order), as do ``cvfp evaluate`` and generation of the exported model; training reads the
+            model alone. null: none.
         cache: ``auto`` | ``require`` | ``off`` (see :mod:`cvfp_lightning.context_cache`).
         cache_path: cache folder, read and (when stale or missing) rewritten. Default: read from
             ``context_cache/`` next to ``phase1_checkpoint`` (Phase 1's ``ContextCacheHandoff``); a fit
@@ -181,7 +187,8 @@ class Phase2LM(NextTokenModule):
                  seq_batch_size: int = 256, prompts: list[str] | str | None = None, prompt_file: str | None = None,
                  max_new_tokens: int = 50, temperature: float = 1.0, top_k: int | None = None,
                  greedy: bool = False, top_p: float | None = None, seed: int | None = 42,
-                 weight_decay: float = 0.0, token_history: int = 0):
+                 weight_decay: float = 0.0, token_history: int = 0,
+                 continuous_cache: ContinuousCache | None = None):
         super().__init__()
         check(cache in CACHE_MODES, f"model.cache={cache!r} is unknown: expected one of {', '.join(CACHE_MODES)}.")
         check_positive("model.lr", lr)
@@ -204,14 +211,17 @@ class Phase2LM(NextTokenModule):
             self._phase1_snapshot = find_data_snapshot(ckpt) or {}
         self.phase1_hparams = p1
         self.lm = CVFPLanguageModel(embedding, updater, weight_tying=weight_tying, train_embedding=not freeze_embedding,
-                                    dropout=dropout, token_history=token_history)
+                                    dropout=dropout, token_history=token_history,
+                                    continuous_cache=continuous_cache)
         # built from a record, the block is freshly initialised until the checkpoint's weights are loaded
         # (on_load_checkpoint checks them against the recorded digest): the digest is the record's
         self.phase1_digest = (str(phase1.get("weights") or "") if phase1 is not None
                               else weights_digest(*self.lm.context_modules()))
         self.save_hyperparameters({"vocab_size": int(p1["vocab_size"]), "weight_tying": weight_tying,
                                    "freeze_embedding": freeze_embedding, "lr": lr, "grad_clip": grad_clip,
-                                   "dropout": dropout, "weight_decay": weight_decay, "token_history": token_history})
+                                   "dropout": dropout, "weight_decay": weight_decay, "token_history": token_history,
+                                   "continuous_cache": (None if self.lm.continuous_cache is None
+                                                        else self.lm.continuous_cache.to_dict())})
         self._contexts = None  # context_cache.Contexts: final contexts by position
         self._test_split = "test"
         self._contexts_for: tuple | None = None
@@ -289,9 +299,17 @@ class Phase2LM(NextTokenModule):
         context of the position before (``c_{i-1}``, 0 where a sequence starts): ``[(n, d_l)]``."""
         if self._contexts is None:
             raise RuntimeError("Phase2LM: contexts were not prepared (on_fit_start / on_validation_start).")
-        previous = self._contexts.previous(self._test_split if split == "test" else split, batch["positions"],
-                                           batch["is_start"]).to(self.device)  # (n, D)
-        return self.lm.step(previous, batch["ids"], batch.get("history"))[1], batch["targets"]  # (n, V), (n,)
+        name = self._test_split if split == "test" else split
+        previous = self._contexts.previous(name, batch["positions"], batch["is_start"]).to(self.device)  # (n, D)
+        if split == "train":
+            return self.lm.step(previous, batch["ids"], batch.get("history"))[1], batch["targets"]  # (n, V), (n,)
+        seqs = getattr(self.trainer.datamodule, f"{name}_sequences")
+
+        def rows(positions: Tensor) -> tuple[dict[str, Tensor], Tensor]:  # the cache's memory: earlier positions
+            span = seqs.position_batch(positions, self.lm.token_history)
+            return span, self._contexts.previous(name, span["positions"], span["is_start"])
+
+        return self.lm.score_positions(batch, previous, rows), batch["targets"]
 
     def num_trainable_parameters(self) -> int:
         return self.lm.num_trainable_parameters()

@@ -120,18 +120,21 @@ def test_fit_with_its_validation_and_test_on_two_processes_equals_one(tmp_path, 
 
 def test_test_subcommand_on_two_processes_equals_one(tmp_path, corpus):
     """``cvfp test --ckpt_path`` of a Phase 2 checkpoint (the test split's contexts computed
-    sharded over the ranks): every scalar and the token count. ``cvfp validate`` runs the same
-    evaluation on the other split (Phase 1's is tested below)."""
+    sharded over the ranks) with a continuous cache (each rank's chunks read their memory from the
+    positions before them, whoever scores those): every scalar and the token count. ``cvfp validate``
+    runs the same evaluation on the other split (Phase 1's is tested below)."""
     from helpers.lm import phase1_checkpoint
 
     args = [*LM_RUNS["phase2"], "--data.init_args.paths", f"[{corpus}]", *LM_DATA,
-            "--model.init_args.phase1_checkpoint", str(phase1_checkpoint(tmp_path / "p1" / "last.ckpt", 4096))]
+            "--model.init_args.phase1_checkpoint", str(phase1_checkpoint(tmp_path / "p1" / "last.ckpt", 4096)),
+            "--model.init_args.continuous_cache", '{"size": 300, "theta": 5.0, "weight": 0.3}']
     key, batch = LM_BATCH["phase2"]
     run_cli(["fit", *args, *QUIET, key, str(batch), "--trainer.max_epochs", "1",
              "--trainer.logger.init_args.save_dir", str(tmp_path / "fit")])
     ckpt = str(next((tmp_path / "fit").rglob("best.ckpt")))
     dm = data_module(corpus, max_seq_len=64)
-    one, two = run_both(["test", *args, key, str(batch), "--ckpt_path", ckpt], tmp_path, "test")
+    # chunks of 32 positions: the two ranks score alternate chunks, each reading memory from the other's
+    one, two = run_both(["test", *args, key, "32", "--ckpt_path", ckpt], tmp_path, "test")
     assert_same_scalars(one, two)
     assert values(two, "test/tokens") == [predicted_positions(dm.test_sequences)]
     assert 0.0 < values(two, "test/bpb")[0] < 20.0

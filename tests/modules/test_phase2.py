@@ -206,7 +206,8 @@ def test_phase2_loads_and_freezes_the_phase1_weights(tmp_path):
     assert not model.lm.embedding.weight.requires_grad
     assert model.lm.token_block.context_dims == [16, 16]
     assert set(model.hparams) == {"vocab_size", "weight_tying", "freeze_embedding", "lr", "grad_clip", "dropout",
-                                  "weight_decay", "token_history"}
+                                  "weight_decay", "token_history", "continuous_cache"}
+    assert model.hparams["continuous_cache"] is None and model.lm.continuous_cache is None  # off unless asked for
     assert type(model.configure_optimizers()) is torch.optim.Adam  # weight_decay 0: plain Adam
 
 
