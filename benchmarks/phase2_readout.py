@@ -5,7 +5,7 @@ For each corpus (``quality.py``'s splits) one recipe Phase 1 (``configs/text_pha
 is and once as :class:`WithoutContexts`, the same module whose token block reads zeros in place of
 the contexts (then the model sees the token and its K ids before only: a neural (K+2)-gram).
 Everything else is the recipe's: tokenizer, embedding, token block, tied head, optimiser, EMA,
-early stopping. Scores: validation bpb of the best checkpoint and the test split's bpb from the
+early stopping; both rows without the recipe's continuous cache (it reads text, not the contexts). Scores: validation bpb of the best checkpoint and the test split's bpb from the
 fit's ``summary.json`` (the best weights on the test files, as ``cvfp evaluate`` scores them).
 Writes ``results/phase2_readout_<date>.json``.
 
@@ -58,7 +58,8 @@ def main() -> None:
         for k in args.histories:
             for contexts in (True, False):
                 name = f"history{k}_{'contexts' if contexts else 'no_contexts'}"
-                extra = ["--model.init_args.phase1_checkpoint", phase1["best"], "--model.init_args.token_history", str(k)]
+                extra = ["--model.init_args.phase1_checkpoint", phase1["best"], "--model.init_args.token_history", str(k),
+                         "--model.init_args.continuous_cache", "null"]  # the readout alone (the ablation reads no cache)
                 if not contexts:
                     extra = ["--model.class_path", "phase2_readout.WithoutContexts", *extra]  # this file's class
                 run = quality.fit_run(name, quality.CONFIGS / "text_phase2.yaml", data + extra, work / "logs")

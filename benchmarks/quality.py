@@ -6,7 +6,8 @@ sequence, bits per UTF-8 byte of the test text):
 
     demo            configs/phase1.yaml + configs/phase2.yaml: bundled tokenizer, 128 x 3, frozen block
     recipe          configs/text_phase1.yaml + configs/text_phase2.yaml: fitted tokenizer, 384 x 2,
-                    frozen block, trained embedding tied to the head, weight decay (CVFP frozen)
+                    frozen block, trained embedding tied to the head, weight decay, the id before
+                    each position, a continuous cache (CVFP frozen)
     recipe_e2e      configs/text_phase2_e2e.yaml on the recipe's Phase 1: the context block trained
                     end to end (CVFP end-to-end; wall time is its Phase 2 alone)
     gru, lstm, transformer
@@ -25,6 +26,12 @@ Corpora (split files written to ``--work_dir``):
   written into the repository), whole documents held out: train GPL-1, GPL-2, GPL-3, LGPL-2.1,
   GFDL-1.3, MPL-1.1, Artistic, BSD (149 KB); validation Apache-2.0, LGPL-3 (19 KB); test
   MPL-2.0, CC0-1.0 (24 KB). LGPL-2 and GFDL-1.2 are left out (near copies of LGPL-2.1 and GFDL-1.3).
+
+Every row is also scored the other way round (column "other cache reading"): the recipe
+without its continuous cache (``--continuous_cache.weight 0``), every other row with the
+recipe's cache (CVFP rows by ``cvfp evaluate --continuous_cache.*``, the GRU / LSTM by
+:func:`recurrent_with_cache` over their hidden states; not the Transformer), so the cache's
+share of a gain is seen apart from the model's.
 
 Wall time is each ``cvfp fit``'s, in this process (no interpreter start-up): Phase 1 + Phase 2
 for CVFP rows. Every run's record is kept in ``--work_dir/<corpus>/<row>.json``; a rerun skips
@@ -100,16 +107,57 @@ def fit_run(name: str, config: Path, args: list[str], logs: Path) -> dict:
             "phase1": {k: v for k, v in result.metrics.items() if "convergence" in k or "effective_rank" in k}}
 
 
-def test_metrics(checkpoint: str, test_file: Path) -> dict:
-    """``cvfp evaluate CHECKPOINT --text TEST`` in this process."""
+def test_metrics(checkpoint: str, test_file: Path, cache: dict | None = None) -> dict:
+    """``cvfp evaluate CHECKPOINT --text TEST`` in this process; with ``cache``, ``--continuous_cache.*``
+    of those settings (``{"weight": 0}``: the model alone)."""
     import lightning as L
 
-    from cvfp_lightning.evaluate import evaluate
+    from cvfp_lightning.evaluate import evaluate, override_cache
     from cvfp_lightning.export import load_model
 
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
-    return evaluate(load_model(checkpoint), [test_file], trainer)
+    model = load_model(checkpoint)
+    override_cache(model, **(cache or {}))
+    return evaluate(model, [test_file], trainer)
+
+
+def recurrent_with_cache(checkpoint: str, test_file: Path, cache: dict) -> dict:
+    """A GRU / LSTM baseline's test bpb with the recipe's continuous cache over its hidden states.
+
+    Benchmark-side (the library's cache reads CVFP models): the same :class:`ContinuousCache`
+    on the recurrent layer's output ``h_i`` (what its head reads), each test sequence read whole
+    from a zero state as in the baseline's own evaluation (whole sequences as windows), the memory
+    the ``size`` positions before each one in the file's order; bytes as ``cvfp evaluate``'s.
+    """
+    import math
+
+    import torch
+
+    from cvfp_lightning.evaluate import evaluation_data
+    from cvfp_lightning.export import load_model
+    from cvfp_lightning.models.continuous_cache import ContinuousCache
+
+    model, settings = load_model(checkpoint), ContinuousCache.coerce(cache)
+    data = evaluation_data(model, [test_file])
+    data.setup()
+    seqs, net = data.val_sequences, model.net
+    keys, logits, nexts = [], [], []
+    with torch.no_grad():
+        for s in range(seqs.num_sequences):
+            ids = seqs.sequence(s).long().reshape(1, -1)
+            h = net.rnn(net.embed(ids))[0][0]  # (T, H)
+            keys.append(h), logits.append(net.head(h))
+            nexts.append(torch.cat([ids[0, 1:], torch.tensor([-100])]))
+        keys, logits, nexts = torch.cat(keys), torch.cat(logits), torch.cat(nexts)
+        positions, nll = torch.arange(len(nexts)), 0.0
+        for a in range(0, len(nexts), 512):
+            b, lo = min(len(nexts), a + 512), max(0, a - settings.size)
+            log_p = settings.log_probs(logits[a:b], keys[a:b], positions[a:b], keys[lo:b], nexts[lo:b], positions[lo:b])
+            known = nexts[a:b] >= 0
+            nll -= log_p[known].gather(1, nexts[a:b][known].reshape(-1, 1)).sum().item()
+    return {"bpb": nll / (math.log(2) * seqs.num_bytes), "tokens": int((nexts >= 0).sum()), "bytes": int(seqs.num_bytes),
+            "continuous_cache": settings.to_dict()}
 
 
 BASELINE = {  # every baseline row: its config's windows (whole sequences), one layer (two for the transformer)
@@ -120,11 +168,24 @@ BASELINE = {  # every baseline row: its config's windows (whole sequences), one 
 
 
 def recipe_settings() -> dict:
-    """The recipe's tokenizer, read from its config (so the baselines use it)."""
+    """The recipe's tokenizer, read from its config (so the baselines use it), and its continuous cache."""
     import yaml
 
     p1 = yaml.safe_load((CONFIGS / "text_phase1.yaml").read_text())
-    return {"tokenizer": json.dumps(p1["data"]["init_args"]["tokenizer"])}
+    p2 = yaml.safe_load((CONFIGS / "text_phase2.yaml").read_text())
+    return {"tokenizer": json.dumps(p1["data"]["init_args"]["tokenizer"]),
+            "continuous_cache": p2["model"]["init_args"].get("continuous_cache")}
+
+
+def other_cache_test(row: str, record: dict, test_file: Path) -> dict | None:
+    """The test metrics of the row's model read the other way: the recipe (cache on) without its cache,
+    every other row with the recipe's cache, so that the cache's share of each gain is seen."""
+    cache = recipe_settings()["continuous_cache"]
+    if not cache:
+        return None
+    if row in BASELINE:
+        return recurrent_with_cache(record["phase2"]["best"], test_file, cache) if row != "transformer" else None
+    return test_metrics(record["phase2"]["best"], test_file, {"weight": 0.0} if row == "recipe" else cache)
 
 
 def run_row(row: str, corpus: str, files: dict[str, Path], work: Path, done: dict, baseline_lr: float,
@@ -163,7 +224,8 @@ def run_row(row: str, corpus: str, files: dict[str, Path], work: Path, done: dic
 
 def table(corpus: str, rows: dict) -> list[str]:
     lines = [f"### {corpus}", "", "| model | tokenizer (ids) | trainable params | test bpb | test ppl | test acc | "
-             "best epoch | Phase 1 convergence | wall (fit) |", "|---|---|---|---|---|---|---|---|---|"]
+             "test bpb, other cache reading | best epoch | Phase 1 convergence | wall (fit) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in ROWS:
         record = rows.get(name)
         if not record:
@@ -176,8 +238,12 @@ def table(corpus: str, rows: dict) -> list[str]:
             conv = f"{s['phase1/convergence_rate']:.3f} ({s.get('phase1/convergence_rate_phase1', float('nan')):.3f})"
         elif "phase1" in record and record["phase1"]["phase1"].get("train/convergence_rate") is not None:
             conv = f"{record['phase1']['phase1']['train/convergence_rate']:.3f}"
+        other = record.get("test_other_cache")
+        other = (f"{other['bpb']:.4f} ({'without' if name == 'recipe' else 'with'} the recipe's cache)"
+                 if other else "-")
         lines.append(f"| {name} | {t['vocab_size']} | {s['trainable_params']:,} | {t['bpb']:.4f} | {t['ppl']:.2f} | "
-                     f"{t['acc']:.4f} | {s.get('best_epoch')} of {s.get('epochs_run')}{cap} | {conv} | {wall:.0f} s |")
+                     f"{t['acc']:.4f} | {other} | {s.get('best_epoch')} of {s.get('epochs_run')}{cap} | {conv} | "
+                     f"{wall:.0f} s |")
     return lines
 
 
@@ -213,6 +279,9 @@ def main() -> None:
             record_file = args.work_dir / corpus / f"{row}.json"
             if record_file.is_file():
                 done[row] = json.loads(record_file.read_text())
+                if "test_other_cache" not in done[row]:  # a record of before the cache: add its other reading
+                    done[row]["test_other_cache"] = other_cache_test(row, done[row], files["test"])
+                    record_file.write_text(json.dumps(done[row], indent=2, default=str))
             elif row in args.rows:
                 record = run_row(row, corpus, files, args.work_dir, done, args.baseline_lr, args.baseline_minutes,
                                  args.baseline_weight_decay, args.baseline_ema)
@@ -220,6 +289,7 @@ def main() -> None:
                 from cvfp_lightning.export import load_model
 
                 record["test"]["vocab_size"] = load_model(record["phase2"]["best"]).vocab_size
+                record["test_other_cache"] = other_cache_test(row, record, files["test"])
                 record_file.write_text(json.dumps(record, indent=2, default=str))
                 done[row] = record
         report["corpora"][corpus] = {"files": {k: [str(v), v.stat().st_size] for k, v in files.items()}, "rows": done}
