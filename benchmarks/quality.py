@@ -112,13 +112,13 @@ def test_metrics(checkpoint: str, test_file: Path, cache: dict | None = None) ->
     of those settings (``{"weight": 0}``: the model alone)."""
     import lightning as L
 
-    from cvfp_lightning.evaluate import evaluate, override_cache
-    from cvfp_lightning.export import load_model
+    from cvfp_lightning.evaluate import evaluate
+    from cvfp_lightning.export import load_model, read_with_cache
 
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     model = load_model(checkpoint)
-    override_cache(model, **(cache or {}))
+    read_with_cache(model, **(cache or {}))
     return evaluate(model, [test_file], trainer)
 
 

@@ -55,7 +55,6 @@ from cvfp_lightning.data.text import TextDataModule
 from cvfp_lightning.errors import CVFPUserError, check
 from cvfp_lightning.hub import CVFPModel
 from cvfp_lightning.io import check_output_file, read_text_upto, write_output
-from cvfp_lightning.models.continuous_cache import ContinuousCache
 from cvfp_lightning.modules.lm_base import NextTokenModule
 
 DEFAULT_OUT = "evaluation.json"
@@ -174,16 +173,6 @@ def evaluation_data(model, files: list[Path], sample_by: str | None = None) -> E
     return EvaluationText(model.tokenizer, paths=[str(f) for f in files], **options)
 
 
-def override_cache(model, size: int | None = None, theta: float | None = None, weight: float | None = None) -> None:
-    """Replace the continuous cache settings of a CVFP ``model`` where given (None: keep the model's)."""
-    given = {k: v for k, v in {"size": size, "theta": theta, "weight": weight}.items() if v is not None}
-    if not given:
-        return
-    check(isinstance(model, CVFPModel), "--continuous_cache.* is for CVFP models; this one is a baseline.")
-    current = model.continuous_cache.to_dict() if model.continuous_cache is not None else {}
-    model.continuous_cache = ContinuousCache.coerce({**current, **given})
-
-
 def evaluate(model, files: list[Path], trainer, sample_by: str | None = None, seq_batch_size: int = 256) -> dict:
     """Score ``files`` with ``model`` on ``trainer`` (``Trainer.test``); the result record (see the module docstring)."""
     dm = evaluation_data(model, files, sample_by)
@@ -218,10 +207,6 @@ def build_parser():
     parser.add_argument("--sample_by", type=Optional[Literal["paragraph", "line", "document"]], default=None,
                         help="how files split into samples; default: as in training")
     parser.add_argument("--seq_batch_size", type=int, default=256, help="sequences per batch of the context pass")
-    for name, kind, what in (("size", int, "positions in the memory"), ("theta", float, "sharpness of its attention"),
-                             ("weight", float, "its share of the mixture (0: the model alone)")):
-        parser.add_argument(f"--continuous_cache.{name}", type=Optional[kind], default=None,
-                            help=f"CVFP: the continuous cache's {what}; default: as exported")
     parser.add_lightning_class_args(L.Trainer, "trainer")
     parser.set_defaults({"trainer.logger": False, "trainer.enable_checkpointing": False,
                          "trainer.enable_model_summary": False})
@@ -232,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     """``cvfp evaluate MODEL --text FILE [FILE ...] [--out evaluation.json] [--trainer.* ...]``."""
     import lightning as L
 
-    from cvfp_lightning.export import load_model
+    from cvfp_lightning.export import load_model, read_with_cache
 
     parser = build_parser()
     cfg = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -240,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     check(cfg.seq_batch_size > 0, f"--seq_batch_size={cfg.seq_batch_size!r} is invalid: expected a positive integer.")
     check_output_file(cfg.out, "--out", is_evaluation, EARLIER)  # before the scoring, so that no work is lost
     model = load_model(cfg.model, cfg.tokenizer)
-    override_cache(model, **cfg.continuous_cache.as_dict())
+    read_with_cache(model, **cfg.continuous_cache.as_dict())
     trainer = L.Trainer(**parser.instantiate_classes(cfg).trainer)
     record = {"model": str(cfg.model), **evaluate(model, files, trainer, cfg.sample_by, cfg.seq_batch_size)}
     if trainer.is_global_zero:

@@ -389,15 +389,32 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: boo
 
 
 def model_parser(prog: str, description: str):
-    """The parser of a subcommand that takes a model: ``MODEL`` (an exported folder or a checkpoint)
-    and ``--tokenizer``, the arguments of :func:`load_model`."""
+    """The parser of a subcommand that takes a model: ``MODEL`` (an exported folder or a checkpoint),
+    ``--tokenizer`` (the arguments of :func:`load_model`) and ``--continuous_cache.*`` (:func:`read_with_cache`)."""
     from cvfp_lightning.lightning_cli import CVFPArgumentParser
 
     parser = CVFPArgumentParser(prog=prog, description=description)
     parser.add_argument("model", type=str, help="a folder written by cvfp export, or a Phase 2 / baseline .ckpt")
     parser.add_argument("--tokenizer", type=Optional[str], default=None,
                         help="only for checkpoints that carry no tokenizer: its hub name or folder ('bundled')")
+    for name, kind, what in (("size", int, "positions in the memory"), ("theta", float, "sharpness of its attention"),
+                             ("weight", float, "its share of the mixture (0: the model alone)")):
+        parser.add_argument(f"--continuous_cache.{name}", type=Optional[kind], default=None,
+                            help=f"CVFP: the continuous cache's {what}; default: the model's")
     return parser
+
+
+def read_with_cache(model, size: int | None = None, theta: float | None = None, weight: float | None = None) -> None:
+    """Replace the continuous cache settings of a CVFP ``model`` where given (None: keep the model's;
+    a model without a cache takes :class:`ContinuousCache`'s defaults for the others)."""
+    from cvfp_lightning.models.continuous_cache import ContinuousCache
+
+    given = {k: v for k, v in {"size": size, "theta": theta, "weight": weight}.items() if v is not None}
+    if not given:
+        return
+    check(isinstance(model, CVFPModel), "--continuous_cache.* is for CVFP models; this one is a baseline.")
+    current = model.continuous_cache.to_dict() if model.continuous_cache is not None else {}
+    model.continuous_cache = ContinuousCache.coerce({**current, **given})
 
 
 def build_parser():

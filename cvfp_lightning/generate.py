@@ -15,6 +15,9 @@ same decode loop over their recurrent state or window (:mod:`cvfp_lightning.gene
 prompt's draws afresh, so a prompt's continuation depends on the prompt and the seed only.
 Output: prompt and continuation on stdout; with ``--out`` also JSON lines ``{"prompt",
 "continuation", "new_tokens", "ids"}``, the format of ``cvfp predict``'s ``generations.jsonl``.
+A CVFP model exported with a continuous cache generates with it (the memory holds the prompt
+and the ids generated so far), which also strengthens repetition in greedy decoding;
+``--continuous_cache.weight 0`` generates with the model alone (``.size``, ``.theta`` change it).
 ``--out`` is checked before the model loads: an existing file there is replaced only when it
 holds earlier generations (every line such a record) or is empty; any other file is refused
 and kept, as are a folder or a path that cannot be written.
@@ -89,7 +92,7 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> None:
     """``cvfp generate MODEL --prompt TEXT [...]``."""
-    from cvfp_lightning.export import load_model
+    from cvfp_lightning.export import load_model, read_with_cache
 
     cfg = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.max_new_tokens, prefix="--")
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.out:
         check_output_file(cfg.out, "--out", is_generations, EARLIER)
     model = load_model(cfg.model, cfg.tokenizer)
+    read_with_cache(model, **cfg.continuous_cache.as_dict())
     records = generate(model, prompts, cfg.max_new_tokens, cfg.greedy, cfg.temperature, cfg.top_k, cfg.top_p,
                        cfg.seed)
     for g in records:

@@ -3,6 +3,7 @@ folder, ``from_pretrained``), ``cvfp evaluate`` of whole files, ``cvfp generate`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -255,6 +256,30 @@ def test_generate_from_the_folder_equals_the_checkpoint(exports, runs, tmp_path,
     assert lm.generate(ids, 8, 0.8, 40, top_p=0.95, seed=3).tolist() == outputs["folder", "sampled"][0]["ids"]
     printed = capsys.readouterr().out
     assert "--- prompt: 'The for statement' (8 new tokens)" in printed
+
+
+def test_generate_reads_with_the_exported_continuous_cache_or_without_it(exports, tmp_path, capsys):
+    """A model exported with a cache generates with it (its memory: the prompt and the ids so far);
+    ``--continuous_cache.weight 0`` generates with the model alone, ``.size`` changes the memory."""
+    model = load_exported(exports["history"])
+    prompt = "The for statement is used to iterate over the for statement"
+    ids = torch.tensor(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    sampled = ["--temperature", "1.0", "--seed", "5"]
+    records = {}
+    for name, extra in (("cache", []), ("alone", ["--continuous_cache.weight", "0"]),
+                        ("short", ["--continuous_cache.size", "2"])):
+        out = tmp_path / f"{name}.jsonl"
+        run_cli(["generate", str(exports["history"]), "--prompt", prompt, "--max_new_tokens", "12", *sampled, *extra,
+                 "--out", str(out)])
+        records[name] = json.loads(out.read_text())["ids"]
+    assert records["cache"] == model.generate(ids, 12, 1.0, seed=5).tolist()
+    cache, model.continuous_cache = model.continuous_cache, None
+    assert records["alone"] == model.generate(ids, 12, 1.0, seed=5).tolist()
+    model.continuous_cache = dataclasses.replace(cache, size=2)
+    assert records["short"] == model.generate(ids, 12, 1.0, seed=5).tolist()
+    assert records["cache"] != records["alone"]
+    assert "--continuous_cache.* is for CVFP models" in cli_error(
+        ["generate", str(exports["gru"]), "--prompt", "x", "--continuous_cache.weight", "0"], capsys)
 
 
 def test_generate_reads_prompts_from_stdin(exports, monkeypatch, capsys):
