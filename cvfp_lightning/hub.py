@@ -13,7 +13,8 @@ and both classes load it back with ``from_pretrained(folder or hub id)``
 
 - :class:`CVFPModel`: the Phase 2 model, a :class:`~cvfp_lightning.models.lm.CVFPLanguageModel`
   (embedding, context block, token block, head) built from ``vocab_size``, ``context``,
-  ``embedding``, ``weight_tying``, ``train_embedding``. A tied head is the embedding's
+  ``embedding``, ``weight_tying``, ``train_embedding``, ``token_history`` and
+  ``continuous_cache`` (how it reads text; no weights). A tied head is the embedding's
   Parameter by construction, so it stays tied after loading.
 - :class:`BaselineModel`: a GRU / LSTM / Transformer baseline
   (:func:`~cvfp_lightning.models.baselines.build_baseline`).
