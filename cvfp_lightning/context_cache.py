@@ -156,6 +156,15 @@ class Contexts:
         before = self.gather(split, (positions - 1).clamp_min(0))
         return torch.where(is_start.cpu().reshape(-1, 1), 0.0, before)
 
+    def position_rows(self, split: str, seqs, history: int = 0):
+        """``positions (k,) -> (seqs.position_batch(positions, history), previous contexts (k, D))``: any
+        positions of the split ``seqs`` as a position batch with its contexts (what a continuous cache's
+        memory reads, :meth:`CVFPLanguageModel.score_positions`)."""
+        def read(positions: Tensor) -> tuple[dict, Tensor]:
+            batch = seqs.position_batch(positions, history)
+            return batch, self.previous(split, batch["positions"], batch["is_start"])
+        return read
+
 
 class InMemoryContexts(Contexts):
     """Contexts held as one float32 ``(N_split, D)`` tensor per split (``cache: off``: 4 D bytes per position)."""

@@ -147,12 +147,7 @@ class Evaluation(NextTokenModule):
     def logits_targets(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
         if self.is_cvfp:
             previous = self._contexts.previous("test", batch["positions"], batch["is_start"]).to(self.device)
-            seqs = self.trainer.datamodule.val_sequences
-
-            def rows(positions: Tensor) -> tuple[dict[str, Tensor], Tensor]:  # the continuous cache's memory
-                span = seqs.position_batch(positions, self.model.token_history)
-                return span, self._contexts.previous("test", span["positions"], span["is_start"])
-
+            rows = self._contexts.position_rows("test", self.trainer.datamodule.val_sequences, self.model.token_history)
             return self.model.score_positions(batch, previous, rows), batch["targets"]  # (n, V), (n,)
         return self.model(batch["input_ids"]), batch["targets"]  # (B, T, V), (B, T)
 

@@ -99,7 +99,7 @@ def continuous_cache_line(cache) -> str:
     return (f"- Continuous cache (Grave et al., 2017): text is scored and generated with "
             f"`p = {1 - cache.weight:g} softmax(head(t_i)) + {cache.weight:g} p_cache`, where `p_cache` puts "
             f"`softmax_j({cache.theta:g} cos(t_i, t_j))` on the id after each of the last {cache.size} positions `j` "
-            "read; `cvfp evaluate --continuous_cache.weight 0` scores the model alone.")
+            "read; `cvfp evaluate` / `cvfp generate` with `--continuous_cache.weight 0` read with the model alone.")
 
 
 def model_from_checkpoint(path: str | Path, tokenizer: str | None = None):

@@ -296,7 +296,8 @@ class Phase2LM(NextTokenModule):
 
     def logits_targets(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
         """The frozen block's per-layer outputs at each position, recomputed from the cached final
-        context of the position before (``c_{i-1}``, 0 where a sequence starts): ``[(n, d_l)]``."""
+        context of the position before (``c_{i-1}``, 0 where a sequence starts): ``[(n, d_l)]``;
+        validation and test read with the continuous cache, if any (its memory: the split's positions)."""
         if self._contexts is None:
             raise RuntimeError("Phase2LM: contexts were not prepared (on_fit_start / on_validation_start).")
         name = self._test_split if split == "test" else split
@@ -304,11 +305,7 @@ class Phase2LM(NextTokenModule):
         if split == "train":
             return self.lm.step(previous, batch["ids"], batch.get("history"))[1], batch["targets"]  # (n, V), (n,)
         seqs = getattr(self.trainer.datamodule, f"{name}_sequences")
-
-        def rows(positions: Tensor) -> tuple[dict[str, Tensor], Tensor]:  # the cache's memory: earlier positions
-            span = seqs.position_batch(positions, self.lm.token_history)
-            return span, self._contexts.previous(name, span["positions"], span["is_start"])
-
+        rows = self._contexts.position_rows(name, seqs, self.lm.token_history)  # the cache's memory
         return self.lm.score_positions(batch, previous, rows), batch["targets"]
 
     def num_trainable_parameters(self) -> int:
