@@ -72,13 +72,19 @@ class ContinuousCache(ConfigMixin):
             memory_next: the id after each memory row, ``(m,)``; negative: unknown (not in the memory).
             memory_positions: their positions, ``(m,)``.
         """
-        log_model = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+        with torch.autocast(logits.device.type, enabled=False):  # float32 under bf16-mixed too
+            return self._log_probs(logits.float(), keys.float(), positions, memory_keys.float(), memory_next,
+                                   memory_positions)
+
+    def _log_probs(self, logits: Tensor, keys: Tensor, positions: Tensor, memory_keys: Tensor, memory_next: Tensor,
+                   memory_positions: Tensor) -> Tensor:
+        log_model = torch.log_softmax(logits, dim=-1)  # (n, V)
         if self.weight == 0 or memory_keys.shape[0] == 0 or logits.shape[0] == 0:
             return log_model
         distance = positions.reshape(-1, 1) - memory_positions.reshape(1, -1)  # (n, m)
         inside = (distance >= 1) & (distance <= self.size) & (memory_next.reshape(1, -1) >= 0)
         has_memory = inside.any(dim=1, keepdim=True)  # (n, 1)
-        scores = self.theta * (F.normalize(keys.float(), dim=-1) @ F.normalize(memory_keys.float(), dim=-1).T)
+        scores = self.theta * (F.normalize(keys, dim=-1) @ F.normalize(memory_keys, dim=-1).T)
         attention = torch.softmax(scores.masked_fill(~inside, -math.inf).masked_fill(~has_memory, 0.0), dim=1)
         attention = attention * has_memory  # rows without memory: no cache
         cache = torch.zeros_like(log_model).scatter_add_(

@@ -110,3 +110,22 @@ def test_reading_token_by_token_scores_as_the_position_batches():
     assert gain[[6, 5, 14]].min() > 0 and gain[15] < 0  # only ids that followed a remembered position gain
     with pytest.raises(CVFPUserError, match="needs the text's earlier positions"):
         lm.score_positions(seqs.position_batch(torch.arange(3), 1), previous[:3])
+
+
+def test_bf16_autocast_reads_the_cache_in_float32():
+    """Under ``bf16-mixed`` the model runs in bfloat16 but the mixture is formed in float32: the same
+    scores as the float32 model up to bfloat16's rounding of the model's own outputs."""
+    torch.manual_seed(0)
+    emb = build_embedding(30, {"embed_dim": 8}, default_dim=8)
+    upd = build_context_updater({"context_dim": 8, "num_layers": 2}, 8)
+    lm = CVFPLanguageModel(emb, upd, weight_tying=True, train_embedding=True, token_history=1,
+                           continuous_cache={"size": 4, "theta": 3.0, "weight": 0.5}).eval()
+    ids = torch.tensor([[1, 2, 3, 1, 2], [4, 5, 6, 4, 5]])
+    with torch.no_grad():
+        _, full = lm.read(lm.start_state(2), ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            state, mixed = lm.read(lm.start_state(2), ids)
+            generated = lm.generate(ids[0], 4, greedy=True)
+    assert mixed.dtype == torch.float32 and state.memory_keys.shape == (2, 4, 8)
+    torch.testing.assert_close(mixed, full, atol=0.1, rtol=0.05)
+    assert generated.shape == (4,)
