@@ -94,7 +94,7 @@ def _load_module(cls, path: Path):
 
 def continuous_cache_line(cache) -> str:
     """The model card's line on the continuous cache (:mod:`cvfp_lightning.models.continuous_cache`)."""
-    if cache is None:
+    if cache is None or cache.weight == 0:
         return "- Continuous cache: none; text is scored with `softmax(head(t_L))`."
     return (f"- Continuous cache (Grave et al., 2017): text is scored and generated with "
             f"`p = {1 - cache.weight:g} softmax(head(t_i)) + {cache.weight:g} p_cache`, where `p_cache` puts "
@@ -397,10 +397,10 @@ def model_parser(prog: str, description: str):
     parser.add_argument("model", type=str, help="a folder written by cvfp export, or a Phase 2 / baseline .ckpt")
     parser.add_argument("--tokenizer", type=Optional[str], default=None,
                         help="only for checkpoints that carry no tokenizer: its hub name or folder ('bundled')")
-    for name, kind, what in (("size", int, "positions in the memory"), ("theta", float, "sharpness of its attention"),
-                             ("weight", float, "its share of the mixture (0: the model alone)")):
+    for name, kind, what in (("size", int, "positions in its memory"), ("theta", float, "sharpness of its attention"),
+                             ("weight", float, "share of the mixture (0: the model alone)")):
         parser.add_argument(f"--continuous_cache.{name}", type=Optional[kind], default=None,
-                            help=f"CVFP: the continuous cache's {what}; default: the model's")
+                            help=f"CVFP models: the continuous cache's {what}; default: the model's")
     return parser
 
 

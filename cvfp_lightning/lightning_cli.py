@@ -314,8 +314,16 @@ class CVFPCLI(LightningCLI):
         taken = {k: v for k, v in saved_hp.items() if k in recorded and plain.get(k) is None and v is not None}
         for key, value in taken.items():
             init_args[key] = value
-        saved = _flatten({k: v for k, v in saved_hp.items() if k not in taken})
-        current = _flatten(plain)
+        # options of how a trained model reads text (no weights): validate / test / predict may change them
+        free = getattr(_model_class(model_cfg), "READING_ARGS", ()) if sub != "fit" else ()
+        saved = _flatten({k: v for k, v in saved_hp.items() if k not in taken and k not in free})
+        current = _flatten({k: v for k, v in plain.items() if k not in free})
+        for top in set(saved_hp) & set(plain) - set(free) - set(taken):  # a nested option null on one side only:
+            a, b = saved_hp[top], plain[top]                                # one difference, compared whole
+            if (a is None) != (b is None) and isinstance(b if a is None else a, dict):
+                saved = {k: v for k, v in saved.items() if k != top and not k.startswith(top + ".")}
+                current = {k: v for k, v in current.items() if k != top and not k.startswith(top + ".")}
+                saved[top], current[top] = a, b
         diffs = [f"{k}: checkpoint {saved[k]!r} vs config {current[k]!r}" for k in sorted(saved)
                  if k in current and k != "vocab_size" and saved[k] != current[k]]
         missing = sorted(k for k in saved if k not in current and k != "vocab_size")

@@ -29,6 +29,10 @@ from torch import Tensor
 from cvfp_lightning.errors import ConfigMixin, check
 
 
+MAX_SIZE = 2 ** 62  # positions are int64
+MAX_THETA = 1e6  # beyond it the attention is one-hot already; far beyond, theta * cos overflows float32
+
+
 @dataclass
 class ContinuousCache(ConfigMixin):
     """The cache's settings (see the module docstring).
@@ -45,13 +49,16 @@ class ContinuousCache(ConfigMixin):
     weight: float = 0.4
 
     def __post_init__(self) -> None:
-        check(isinstance(self.size, int) and not isinstance(self.size, bool) and self.size > 0,
-              f"continuous_cache.size={self.size!r} is invalid: expected a positive whole number of positions.")
+        check(isinstance(self.size, int) and not isinstance(self.size, bool) and 0 < self.size <= MAX_SIZE,
+              f"continuous_cache.size={self.size!r} is invalid: expected a whole number of positions in "
+              f"[1, 2**62].")
         check(isinstance(self.theta, (int, float)) and not isinstance(self.theta, bool)
-              and math.isfinite(self.theta) and self.theta >= 0,
-              f"continuous_cache.theta={self.theta!r} is invalid: expected a finite number >= 0.")
+              and math.isfinite(self.theta) and 0 <= self.theta <= MAX_THETA,
+              f"continuous_cache.theta={self.theta!r} is invalid: expected a number in [0, {MAX_THETA:g}] "
+              "(it multiplies a cosine in float32).")
         check(isinstance(self.weight, (int, float)) and not isinstance(self.weight, bool) and 0 <= self.weight < 1,
               f"continuous_cache.weight={self.weight!r} is invalid: expected a value in [0, 1) (0: no cache).")
+        self.theta, self.weight = float(self.theta) + 0.0, float(self.weight) + 0.0  # -0.0 reads as 0
 
     @classmethod
     def from_option(cls, value) -> "ContinuousCache | None":

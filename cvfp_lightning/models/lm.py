@@ -100,6 +100,16 @@ class CVFPLanguageModel(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     @property
+    def continuous_cache(self) -> ContinuousCache | None:
+        """How the model reads text (:class:`ContinuousCache`; None: its own distribution); set it to an
+        instance, a dict of its fields or None."""
+        return self._continuous_cache
+
+    @continuous_cache.setter
+    def continuous_cache(self, value: ContinuousCache | dict | None) -> None:
+        self._continuous_cache = ContinuousCache.from_option(value)
+
+    @property
     def vocab_size(self) -> int:
         return self.embedding.vocab_size
 

@@ -179,6 +179,7 @@ class Phase2LM(NextTokenModule):
 
     data_layout = "positions"
     RECORDED_ARGS = ("phase1",)  # written into the checkpoint's hyper_parameters by on_save_checkpoint
+    READING_ARGS = ("continuous_cache",)  # how text is read, no weights: cvfp validate / test / predict may change it
 
     def __init__(self, vocab_size: int = 0, phase1_checkpoint: str | None = None, phase1: dict | None = None,
                  weight_tying: bool = False,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.cli import CONFIGS, ROOT, run_cli
+from helpers.cli import CONFIGS, ROOT, read_scalars, run_cli
 
 P1 = str(CONFIGS / "phase1.yaml")
 QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -188,7 +188,28 @@ P2_CASES = [
     ("temperature 0", "predict", ["--model.init_args.temperature", "0"], "temperature=0"),
     ("empty prompt", "predict", ["--model.init_args.prompts", '[""]'], "empty"),
     ("missing prompt file", "predict", ["--model.init_args.prompt_file", "/no/prompts.txt"], "does not exist"),
+    ("bad continuous cache", "fit", ["--model.init_args.continuous_cache", '{{"size": 0}}'], "continuous_cache.size=0"),
+    ("theta past float32", "fit", ["--model.init_args.continuous_cache", '{{"theta": 1e39}}'], "continuous_cache.theta="),
+    # a resumed fit validates as it did: its best score is compared across the resume
+    ("continuous cache changed on resume", "fit", ["--ckpt_path", "{p2}", "--model.init_args.continuous_cache",
+                                                   '{{"size": 64}}'],
+     "Differences: continuous_cache: checkpoint None vs config {'size': 64, 'theta': 14.0, 'weight': 0.4}"),
 ]
+
+
+@pytest.mark.slow
+def test_validate_test_and_predict_may_read_with_another_continuous_cache(phase2_files, existing_run, tmp_path):
+    """The cache has no weights: scoring or generating a checkpoint with other cache settings is no resume."""
+    base = ["--config", P2, "--model.init_args.phase1_checkpoint", phase2_files["p1"], *QUICK[:4],
+            "--data.init_args.num_samples", "6", "--data.init_args.max_seq_len", "64",
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--ckpt_path", phase2_files["p2"]]
+    scores = {}
+    for name, extra in (("model", []), ("cache", ["--model.init_args.continuous_cache", '{"size": 64}'])):
+        run_cli(["validate", *base, *extra, "--trainer.logger.init_args.name", name])
+        scores[name] = read_scalars(tmp_path / name)["val/loss"][-1][1]
+    assert scores["cache"] != pytest.approx(scores["model"], rel=1e-4)  # read otherwise, scored otherwise
+    run_cli(["predict", *base, "--model.init_args.continuous_cache", '{"size": 64}',
+             "--model.init_args.prompts", '["The for statement"]', "--model.init_args.max_new_tokens", "3"])
 
 
 @pytest.mark.slow

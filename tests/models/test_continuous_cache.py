@@ -57,11 +57,14 @@ def test_the_mixture_is_the_formula_over_the_last_size_positions():
     ({"theta": -1.0}, "continuous_cache.theta=-1.0"), ({"theta": math.inf}, "continuous_cache.theta=inf"),
     ({"weight": 1.0}, r"continuous_cache.weight=1.0 is invalid: expected a value in \[0, 1\)"),
     ({"weight": -0.1}, "continuous_cache.weight=-0.1"), ({"sizes": 3}, "unknown keys"),
+    ({"size": 10 ** 24}, r"size=1000000000000000000000000 is invalid: expected a whole number of positions in \[1, 2\*\*62\]"),
+    ({"theta": 1e39}, r"theta=1e\+39 is invalid: expected a number in \[0, 1e\+06\]"),
 ])
 def test_bad_settings_are_one_line_errors(bad, message):
     with pytest.raises(CVFPUserError, match=message):
         ContinuousCache.coerce(bad)
     assert ContinuousCache.from_option(None) is None
+    assert str(ContinuousCache(weight=-0.0).weight) == "0.0"  # no negative zero in configs and model cards
 
 
 def test_reading_token_by_token_scores_as_the_position_batches():
