@@ -48,7 +48,10 @@ def features_of(model, text: Path) -> dict:
 
 @torch.no_grad()
 def bpb(feats: dict, cache) -> float:
-    """Bits per byte of the positions with a next id, read with ``cache`` (None: the model alone)."""
+    """Bits per byte of the positions with a next id, read with ``cache`` (None: the model alone).
+
+    ``feats``: ``keys (N, E)``, ``logits (N, V)``, ``next (N,)`` (-100: none) of a text's positions in
+    order and its ``bytes`` (:func:`features_of`, or any model's outputs: ``quality.recurrent_with_cache``)."""
     from cvfp_lightning.models.continuous_cache import ContinuousCache
 
     cache = cache or ContinuousCache(weight=0.0)

@@ -130,10 +130,9 @@ def recurrent_with_cache(checkpoint: str, test_file: Path, cache: dict) -> dict:
     from a zero state as in the baseline's own evaluation (whole sequences as windows), the memory
     the ``size`` positions before each one in the file's order; bytes as ``cvfp evaluate``'s.
     """
-    import math
-
     import torch
 
+    from continuous_cache_grid import bpb
     from cvfp_lightning.evaluate import evaluation_data
     from cvfp_lightning.export import load_model
     from cvfp_lightning.models.continuous_cache import ContinuousCache
@@ -149,14 +148,8 @@ def recurrent_with_cache(checkpoint: str, test_file: Path, cache: dict) -> dict:
             h = net.rnn(net.embed(ids))[0][0]  # (T, H)
             keys.append(h), logits.append(net.head(h))
             nexts.append(torch.cat([ids[0, 1:], torch.tensor([-100])]))
-        keys, logits, nexts = torch.cat(keys), torch.cat(logits), torch.cat(nexts)
-        positions, nll = torch.arange(len(nexts)), 0.0
-        for a in range(0, len(nexts), 512):
-            b, lo = min(len(nexts), a + 512), max(0, a - settings.size)
-            log_p = settings.log_probs(logits[a:b], keys[a:b], positions[a:b], keys[lo:b], nexts[lo:b], positions[lo:b])
-            known = nexts[a:b] >= 0
-            nll -= log_p[known].gather(1, nexts[a:b][known].reshape(-1, 1)).sum().item()
-    return {"bpb": nll / (math.log(2) * seqs.num_bytes), "tokens": int((nexts >= 0).sum()), "bytes": int(seqs.num_bytes),
+    feats = {"keys": torch.cat(keys), "logits": torch.cat(logits), "next": torch.cat(nexts), "bytes": seqs.num_bytes}
+    return {"bpb": bpb(feats, settings), "tokens": int((feats["next"] >= 0).sum()), "bytes": int(seqs.num_bytes),
             "continuous_cache": settings.to_dict()}
 
 

@@ -55,6 +55,13 @@ class ReadState(NamedTuple):
     last: Tensor | None  #: ``(B, E)``, the key of the last id read (its next id is not yet known)
 
 
+def _remember(keys: Tensor, nexts: Tensor, key: Tensor, nxt: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """A continuous cache's memory ``keys (B, m, E), nexts (B, m)`` with ``key (B, E)`` followed by
+    ``nxt (B, 1)`` (-1: no next id) appended, the last ``size`` kept."""
+    return (torch.cat([keys, key.unsqueeze(1)], dim=1)[:, -size:],
+            torch.cat([nexts, nxt.to(nexts)], dim=1)[:, -size:])
+
+
 class CVFPLanguageModel(nn.Module):
     """Embedding + frozen context block + token block + head.
 
@@ -208,8 +215,8 @@ class CVFPLanguageModel(nn.Module):
         cache = self.continuous_cache
         if cache is None or state.last is None:
             return fresh._replace(memory_keys=state.memory_keys, memory_next=state.memory_next)
-        keys = torch.cat([state.memory_keys, state.last.unsqueeze(1)], dim=1)[:, -cache.size:]
-        nexts = torch.cat([state.memory_next, torch.full_like(state.memory_next[:, :1], -1)], dim=1)[:, -cache.size:]
+        no_next = torch.full_like(state.memory_next[:, :1], -1)
+        keys, nexts = _remember(state.memory_keys, state.memory_next, state.last, no_next, cache.size)
         return fresh._replace(memory_keys=keys, memory_next=nexts)
 
     def read(self, state: ReadState, ids: Tensor) -> tuple[ReadState, Tensor]:
@@ -223,8 +230,7 @@ class CVFPLanguageModel(nn.Module):
         for t in range(ids.shape[1]):
             x = ids[:, t]
             if cache is not None and last is not None:  # the position before now knows its next id: x
-                memory_keys = torch.cat([memory_keys, last.unsqueeze(1)], dim=1)[:, -cache.size:]
-                memory_next = torch.cat([memory_next, x.reshape(-1, 1).to(memory_next)], dim=1)[:, -cache.size:]
+                memory_keys, memory_next = _remember(memory_keys, memory_next, last, x.reshape(-1, 1), cache.size)
             context, features = self.step_features(context, x, recent if self.token_history else None)
             recent = torch.cat([ids[:, t:t + 1].to(recent), recent], dim=1)[:, :self.token_history]
             last = features
